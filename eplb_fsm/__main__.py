@@ -1,0 +1,5 @@
+import sys
+
+from ._edges.cli import main
+
+sys.exit(main())

@@ -19,6 +19,8 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -52,7 +54,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def median_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -75,12 +77,11 @@ def main() -> None:
             groups, n = (GROUPS, nodes) if policy == "default" else (1, 1)
             kw = dict(num_physical_experts=slots, num_groups=groups, num_nodes=n,
                       num_ranks=ranks)
-            ours = median_time(lambda kw=kw: eplb_fsm.plan(load, **kw), args.repeats)
-            ref = median_time(lambda kw=kw: reference_rebalance(
-                torch.tensor(load), slots, groups, n, ranks), args.ref_repeats)
+            ours = median_time(partial(eplb_fsm.plan, load, **kw), args.repeats)
+            reference = partial(reference_rebalance, torch.tensor(load), slots, groups, n, ranks)
+            ref = median_time(reference, args.ref_repeats)
             placement = eplb_fsm.plan(load, **kw)
-            same = np.array_equal(placement.physical_to_logical, reference_rebalance(
-                torch.tensor(load), slots, groups, n, ranks).numpy())
+            same = np.array_equal(placement.physical_to_logical, reference().numpy())
             bal = eplb_fsm.balancedness(eplb_fsm.rank_load_from_logical(load, placement, ranks))
             label = "hierarchical" if policy == "default" else "global"
             rows.append((f"{slots}/{ranks}/{nodes}", label, ours * 1e3, ref * 1e3,

@@ -2,8 +2,12 @@
 
 - `reference_rebalance`: DeepSeek's planner as plain loops, an oracle for
   differential tests of planning policies.
+- `run_ranks`: run a function on N spawned processes in a gloo (or NCCL)
+  group on a free port, bounded in time; `RankFailed` names the rank that
+  raised, died or hung.
 """
 
+from .._adapters.launch import RankFailed, free_port, run_ranks
 from ._reference import reference_rebalance
 
-__all__ = ["reference_rebalance"]
+__all__ = ["RankFailed", "free_port", "reference_rebalance", "run_ranks"]

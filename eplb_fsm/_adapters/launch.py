@@ -1,0 +1,128 @@
+"""Run a function on N local processes joined in a torch.distributed group.
+
+Used by the multi-process tests and by ``eplb-fsm simulate``: each rank is
+a fresh *spawned* process (never forked: torch and threads don't survive a
+fork), the rendezvous uses a free port picked at launch (tests run in
+parallel without colliding), and the whole run is bounded in time: a rank
+that hangs or dies makes `run_ranks` kill the others and raise, naming the
+rank, instead of blocking its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["RankFailed", "free_port", "run_ranks"]
+
+
+class RankFailed(RuntimeError):
+    """A rank raised, died or outlived the deadline; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    args: Sequence[Any],
+    results: Any,
+) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      RANK=str(rank), WORLD_SIZE=str(world_size))
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # report everything, including KeyboardInterrupt, to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            # A peer's death can break teardown; the result is already sent.
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
+
+    `fn` and `args` must be picklable (a module-level function). Returns the
+    ranks' return values in rank order; raises `RankFailed` if any rank
+    raises, exits without a result, or the run outlasts `timeout` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_rank_main, daemon=True,
+                    args=(fn, rank, world_size, port, backend, timeout, args, results))
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    values: dict[int, Any] = {}
+    try:
+        while len(values) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=0.2)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs)
+                        if r not in values and p.exitcode is not None]
+                if dead:
+                    # Give a dying rank's last message a moment to arrive.
+                    time.sleep(0.5)
+                    while not results.empty():
+                        rank, ok, value = results.get()
+                        if not ok:
+                            raise RankFailed(f"rank {rank} raised:\n{value}") from None
+                        values[rank] = value
+                    dead = [r for r in dead if r not in values]
+                    if dead:
+                        codes = {r: procs[r].exitcode for r in dead}
+                        raise RankFailed(f"rank(s) {dead} exited without a result "
+                                         f"(exit codes {codes})") from None
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in values]
+                    raise RankFailed(f"rank(s) {missing} did not finish within "
+                                     f"{timeout:.0f} s") from None
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} raised:\n{value}")
+            values[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        results.close()
+    return [values[r] for r in range(world_size)]

@@ -4,6 +4,7 @@ The public API lives here; everything else is in private modules (``_core``
 for the pure numpy core) so that internals can move without breaking users.
 """
 
+from ._core import policies as _policies  # noqa: F401  (registers the extra policies)
 from ._core.balance import (
     balancedness,
     balancedness_per_layer,

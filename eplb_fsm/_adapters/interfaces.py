@@ -1,0 +1,109 @@
+"""The small interfaces between the runtime and the outside world.
+
+The runtime codes against these protocols only, so that the same lifecycle
+drives real torch.distributed groups and the in-process fake cluster of
+`eplb_fsm.testing`:
+
+- `MoEModel`: what a serving engine's model exposes (vLLM's
+  ``MixtureOfExperts`` names).
+- `WeightMover` / `StagedTransfer`: move one or more layers' expert weights
+  for a new placement: *stage* into a side buffer without touching live
+  weights, poll readiness without blocking, then *commit* into the live
+  weights at the agreed step (or *release* on abort, leaving them as they were).
+- `ReadinessRound`: a non-blocking all-reduce that every rank launches at
+  the same step and reads at the same later step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["MoEModel", "ReadinessRound", "StagedTransfer", "WeightMover"]
+
+
+@runtime_checkable
+class MoEModel(Protocol):
+    """A model the runtime can balance; the names follow vLLM's ``MixtureOfExperts``.
+
+    `expert_weights[layer][i]` is a tensor whose first dimension is the local
+    physical slot (``num_local_physical_experts`` long). The runtime owns the
+    three tensors it passes to `set_eplb_state` and updates them in place, so
+    layers holding views see every commit:
+
+    - ``expert_load_view`` [L, P] int64: tokens this rank sent to each physical
+      slot (all slots, not only local ones) during the current pass; the model
+      adds to it, the runtime reads and clears it in ``step()``;
+    - ``logical_to_physical_map`` [L, E, max_replicas], -1 padded;
+    - ``logical_replica_count`` [L, E].
+    """
+
+    expert_weights: Sequence[Sequence[torch.Tensor]]
+    num_moe_layers: int
+    num_logical_experts: int
+    num_physical_experts: int
+    num_local_physical_experts: int
+    num_redundant_experts: int
+    num_expert_groups: int
+
+    def set_eplb_state(
+        self,
+        expert_load_view: torch.Tensor,
+        logical_to_physical_map: torch.Tensor,
+        logical_replica_count: torch.Tensor,
+    ) -> None: ...
+
+
+class StagedTransfer(Protocol):
+    """One or more layers' weights for a new placement, staged beside the live ones."""
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this rank receives from peers for these layers (local copies excluded)."""
+        ...
+
+    def ready(self) -> bool:
+        """True once every receive and local copy of this rank is complete. Never blocks."""
+        ...
+
+    def commit(self) -> None:
+        """Copy the staged slots into the live weights. Only after every rank is ready."""
+        ...
+
+    def release(self) -> None:
+        """Drop the staging buffers without touching the live weights (abort path)."""
+        ...
+
+
+class WeightMover(Protocol):
+    def stage(
+        self,
+        old_physical_to_logical: npt.NDArray[np.int64],
+        new_physical_to_logical: npt.NDArray[np.int64],
+        layers: Sequence[int],
+        expert_weights: Sequence[Sequence[torch.Tensor]],
+    ) -> StagedTransfer:
+        """Launch the transfers of `layers` (non-blocking). All ranks call it at the
+        same agreed step with the same arguments but their own weights."""
+        ...
+
+
+class ReadinessRound(Protocol):
+    """A launched all-reduce of a few int64 values over the EP group."""
+
+    def done(self) -> bool:
+        """Non-blocking: has the result arrived?"""
+        ...
+
+    def result(self, timeout: float | None = None) -> npt.NDArray[np.int64]:
+        """The reduced values; waits (up to `timeout` s) only if not yet `done()`."""
+        ...

@@ -1,0 +1,1 @@
+"""Policies beyond DeepSeek's: importing this module registers them."""

@@ -4,6 +4,14 @@ The public API lives here; everything else is in private modules (``_core``
 for the pure numpy core) so that internals can move without breaking users.
 """
 
+from ._adapters.interfaces import (
+    AllReduce,
+    FaultHook,
+    MoEModel,
+    ReadinessRound,
+    StagedTransfer,
+    WeightMover,
+)
 from ._core import policies as _policies  # noqa: F401  (registers the extra policies)
 from ._core.balance import (
     balancedness,
@@ -11,20 +19,36 @@ from ._core.balance import (
     rank_load_from_logical,
     rank_load_from_physical,
 )
+from ._core.lifecycle import STATES, TransitionRecord, mermaid_diagram
 from ._core.placement import Placement, PlacementTensors
 from ._core.planning import PlanRequest, Policy, available_policies, plan, register_policy
+from ._runtime.config import EplbConfig
+from ._runtime.driver import RebalanceFailed
+from ._runtime.runtime import EplbRuntime
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "STATES",
+    "AllReduce",
+    "EplbConfig",
+    "EplbRuntime",
+    "FaultHook",
+    "MoEModel",
     "Placement",
     "PlacementTensors",
     "PlanRequest",
     "Policy",
+    "ReadinessRound",
+    "RebalanceFailed",
+    "StagedTransfer",
+    "TransitionRecord",
+    "WeightMover",
     "__version__",
     "available_policies",
     "balancedness",
     "balancedness_per_layer",
+    "mermaid_diagram",
     "plan",
     "rank_load_from_logical",
     "rank_load_from_physical",

@@ -25,7 +25,14 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MoEModel", "ReadinessRound", "StagedTransfer", "WeightMover"]
+__all__ = [
+    "AllReduce",
+    "FaultHook",
+    "MoEModel",
+    "ReadinessRound",
+    "StagedTransfer",
+    "WeightMover",
+]
 
 
 @runtime_checkable
@@ -72,7 +79,12 @@ class StagedTransfer(Protocol):
         ...
 
     def ready(self) -> bool:
-        """True once every receive and local copy of this rank is complete. Never blocks."""
+        """True once every send, receive and local copy of this rank is complete.
+
+        Sends count too: a peer may commit (overwrite its live weights) as soon
+        as every rank reports ready, so a slot still being sent must hold this
+        rank back. Never blocks.
+        """
         ...
 
     def commit(self) -> None:
@@ -106,4 +118,28 @@ class ReadinessRound(Protocol):
 
     def result(self, timeout: float | None = None) -> npt.NDArray[np.int64]:
         """The reduced values; waits (up to `timeout` s) only if not yet `done()`."""
+        ...
+
+
+class AllReduce(Protocol):
+    """Launches non-blocking SUM all-reduces of int64 vectors over the EP group."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    def launch(self, values: npt.NDArray[np.int64]) -> ReadinessRound:
+        """Start the all-reduce; every rank launches the same sequence of rounds."""
+        ...
+
+
+class FaultHook(Protocol):
+    """A seam for fault injection in tests (`eplb_fsm.testing`); None in production."""
+
+    def report_ready(
+        self, model: str, phase: str, layers: tuple[int, ...], step: int, ready: bool
+    ) -> bool:
+        """The readiness flag to report, given the true one."""
         ...

@@ -1,0 +1,87 @@
+"""`EplbConfig`: vLLM's EPLB settings, with their names and defaults, plus ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+__all__ = ["EplbConfig"]
+
+
+@dataclass(frozen=True)
+class EplbConfig:
+    """Settings of the balancer. The first seven are vLLM's ``EPLBConfig`` fields.
+
+    Ours, and why they exist:
+
+    - ``num_nodes`` / ``num_groups``: the hierarchical policy packs expert
+      groups onto nodes; leave 1 for the global policy. ``num_groups=None``
+      takes the model's ``num_expert_groups``.
+    - ``readiness_lag``: a readiness all-reduce launched at step s is read at
+      s + lag on every rank. Larger lags hide more latency and make fewer
+      steps pay for a launch; each layer costs at least ``2 * lag`` steps.
+    - ``layers_per_transfer``: layers staged and committed together. Larger
+      batches move bigger messages (NCCL bandwidth grows with message size)
+      but hold more staging memory.
+    - ``min_balancedness_gain``: a plan whose predicted balancedness gain is
+      below this is dropped and counted, and nothing moves.
+    - ``peer_timeout_s``: how long a phase may wait for peers before the
+      rebalance fails (agreed by all ranks through the readiness round).
+    - ``on_failure``: ``"raise"`` raises `RebalanceFailed` from ``step()``;
+      ``"absorb"`` logs it, counts it and carries on serving.
+    - ``ranks_per_node``: lets the transfer prefer a same-node source.
+    """
+
+    window_size: int = 1000
+    step_interval: int = 3000
+    num_redundant_experts: int = 0
+    log_balancedness: bool = False
+    log_balancedness_interval: int = 1
+    use_async: bool = True
+    policy: str = "default"
+    num_nodes: int = 1
+    num_groups: int | None = None
+    readiness_lag: int = 2
+    layers_per_transfer: int = 1
+    min_balancedness_gain: float = 0.0
+    peer_timeout_s: float = 60.0
+    on_failure: Literal["raise", "absorb"] = "raise"
+    ranks_per_node: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("window_size", "step_interval", "log_balancedness_interval",
+                    "num_nodes", "readiness_lag", "layers_per_transfer")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EplbConfig.{name} must be a positive int, got {value!r}")
+        for name in ("num_groups", "ranks_per_node"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(
+                    f"EplbConfig.{name} must be a positive int or None, got {value!r}")
+        if (isinstance(self.num_redundant_experts, bool)
+                or not isinstance(self.num_redundant_experts, int)
+                or self.num_redundant_experts < 0):
+            raise ValueError("EplbConfig.num_redundant_experts must be an int >= 0, got "
+                             f"{self.num_redundant_experts!r}")
+        for name in ("log_balancedness", "use_async"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"EplbConfig.{name} must be a bool")
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"EplbConfig.policy must be a policy name, got {self.policy!r}")
+        gain = self.min_balancedness_gain
+        if not isinstance(gain, (int, float)) or isinstance(gain, bool) or not (-1 <= gain <= 1):
+            raise ValueError(f"EplbConfig.min_balancedness_gain must be a number in [-1, 1], "
+                             f"got {gain!r}")
+        timeout = self.peer_timeout_s
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"EplbConfig.peer_timeout_s must be > 0, got {timeout!r}")
+        if self.on_failure not in ("raise", "absorb"):
+            raise ValueError(f"EplbConfig.on_failure must be 'raise' or 'absorb', got "
+                             f"{self.on_failure!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,446 @@
+"""One model's rebalance, driven step by step: the thin I/O shell around `Lifecycle`.
+
+Every decision that changes the state happens at an agreed step ``due`` and
+depends only on shared facts (a round's result, the deterministic plan), so
+all ranks fire the same triggers at the same steps. Between agreed steps a
+step costs a comparison (``step < due``): no collective, no device sync.
+
+Timeline of an asynchronous rebalance (``lag`` = ``readiness_lag``)::
+
+    s            interval reached: window sums copied to host (non-blocking)
+    s + lag      load all-reduce launched
+    s + 2 lag    reduced load read; planning starts in a worker thread
+    s + 3 lag    readiness round launched, read lag steps later, repeated
+                 until every rank has the plan; then the first layer batch's
+                 transfer is launched (staging)
+    + lag        readiness round launched (awaiting_all_ranks)
+    + lag        all ready: commit on every rank, next batch launched;
+                 not yet: another round
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from .._adapters.interfaces import (
+    AllReduce,
+    FaultHook,
+    MoEModel,
+    ReadinessRound,
+    StagedTransfer,
+    WeightMover,
+)
+from .._core import lifecycle as lc
+from .._core.balance import balancedness_per_layer, rank_load_from_logical
+from .._core.placement import Placement
+from .._core.planning import plan
+from .config import EplbConfig
+from .load_window import HostLoad, LoadWindow
+from .rounds import RoundOutcome, encode_flags, wait_round
+from .stats import ModelStats
+
+__all__ = ["ModelDriver", "RebalanceFailed"]
+
+log = logging.getLogger("eplb_fsm")
+
+
+class RebalanceFailed(RuntimeError):
+    """A rebalance ended in the ``failed`` state; layers not committed kept their
+    old placement on every rank. The message names the model, the phase or
+    layers, and the ranks that were late or broken."""
+
+    def __init__(self, message: str, *, model: str, layers: tuple[int, ...] = (),
+                 ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.model = model
+        self.layers = layers
+        self.ranks = ranks
+
+
+@dataclass
+class _Job:
+    """A rebalance in flight."""
+
+    started_step: int
+    deadline: float
+    phase: str
+    due: int
+    host_load: HostLoad | None = None
+    load_round: ReadinessRound | None = None
+    reduced_load: npt.NDArray[np.int64] | None = None
+    plan_future: Future[Placement] | None = None
+    plan: Placement | None = None
+    round: ReadinessRound | None = None
+    batches: list[tuple[int, ...]] = field(default_factory=list)
+    layers: tuple[int, ...] = ()
+    staged: StagedTransfer | None = None
+    local_error: BaseException | None = None
+
+
+class ModelDriver:
+    def __init__(self, name: str, model: MoEModel, placement: Placement, config: EplbConfig,
+                 *, num_groups: int, allreduce: AllReduce, mover: WeightMover,
+                 device: torch.device, executor: Executor, faults: FaultHook | None) -> None:
+        self.name = name
+        self.model = model
+        self.config = config
+        self._num_groups = num_groups
+        self._allreduce = allreduce
+        self._mover = mover
+        self._executor = executor
+        self._faults = faults
+        self._rank = allreduce.rank
+        self._world = allreduce.world_size
+        self.placement = placement
+        self._p2l = placement.physical_to_logical.copy()  # mixed while layers commit
+        maps = placement.to_torch(device)
+        self._load_view = torch.zeros(placement.num_layers, placement.num_physical,
+                                      dtype=torch.int64, device=device)
+        self._l2p = maps.logical_to_physical
+        self._rc = maps.replica_count
+        model.set_eplb_state(self._load_view, self._l2p, self._rc)
+        self._window = LoadWindow(config.window_size, placement.num_layers,
+                                  placement.num_physical, placement.num_logical, device)
+        self._window.set_map(self._p2l)
+        self.lifecycle = lc.Lifecycle()
+        self.stats = ModelStats()
+        self._job: _Job | None = None
+        self._log_rounds: list[tuple[int, ReadinessRound]] = []
+        self._entered = (0, time.monotonic())
+
+    # -- public views -------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self.lifecycle.state
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    # -- the step -----------------------------------------------------------------------
+
+    async def step(self, step: int, is_dummy: bool) -> None:
+        if not is_dummy:
+            self._window.record(self._load_view)
+        self._load_view.zero_()
+        if self.config.log_balancedness:
+            await self._log_balancedness(step, is_dummy)
+        if self.state == lc.FAILED:
+            self._fire("recover", step)
+        job = self._job
+        if job is None:
+            if step % self.config.step_interval == 0:
+                if self.config.use_async:
+                    self._begin(step)
+                else:
+                    await self.rearrange_now(step)
+            return
+        if step % self.config.step_interval == 0:
+            self.stats.skipped += 1  # an interval came while the last rebalance runs
+        if step < job.due:
+            return
+        try:
+            await self._advance(job, step)
+        except RebalanceFailed:
+            raise
+        except Exception as exc:  # a collective broke or a peer never answered
+            self._fail(step, f"model {self.name!r}: {self._where(job)} failed on rank "
+                       f"{self._rank}: {type(exc).__name__}: {exc}", cause=exc)
+
+    def _begin(self, step: int) -> None:
+        lag = self.config.readiness_lag
+        self._job = _Job(step, time.monotonic() + self.config.peer_timeout_s, "reduce",
+                         step + lag, host_load=self._window.snapshot())
+        self.stats.started += 1
+        self._fire("interval_reached", step)
+
+    async def _advance(self, job: _Job, step: int) -> None:
+        lag = self.config.readiness_lag
+        if job.phase == "reduce":
+            assert job.host_load is not None
+            load = job.host_load.logical()
+            job.load_round = self._allreduce.launch(load.ravel())
+            job.phase, job.due = "plan", step + lag
+        elif job.phase == "plan":
+            assert job.load_round is not None
+            values = await wait_round(job.load_round, self.config.peer_timeout_s)
+            job.reduced_load = values.reshape(self.placement.num_layers, -1)
+            job.plan_future = self._executor.submit(self._plan, job.reduced_load)
+            job.phase, job.due = "plan_round", step + lag
+            job.round = None
+        elif job.phase == "plan_round":
+            if job.round is not None:
+                outcome = await self._outcome(job.round)
+                if outcome.all_ready:
+                    self._agree_on_plan(job, step)
+                    return
+                if self._check_outcome(job, step, outcome):
+                    return
+            job.round = self._launch_round(job, step, "planning", self._plan_ready(job))
+            job.due = step + lag
+        elif job.phase == "transfer_launch":
+            ready = self._transfer_ready(job)
+            job.round = self._launch_round(job, step, "staging", ready)
+            self._fire("round_launched", step)
+            job.phase, job.due = "transfer_round", step + lag
+        elif job.phase == "transfer_round":
+            assert job.round is not None
+            outcome = await self._outcome(job.round)
+            if self._check_outcome(job, step, outcome):
+                return
+            self._fire("round_resolved", step, lc.Facts(all_ready=outcome.all_ready))
+            if outcome.all_ready:
+                self._commit(job, step)
+            else:
+                job.round = self._launch_round(job, step, "staging", self._transfer_ready(job))
+                self._fire("round_launched", step)
+                job.due = step + lag
+
+    # -- planning -----------------------------------------------------------------------
+
+    def _plan(self, load: npt.NDArray[np.int64]) -> Placement:
+        return plan(load, self.placement.num_physical, self._num_groups, self.config.num_nodes,
+                    self._world, policy=self.config.policy, old_placement=self.placement)
+
+    def _plan_ready(self, job: _Job) -> bool:
+        future = job.plan_future
+        if future is None or not future.done():
+            return False
+        error = future.exception()
+        if error is not None:
+            job.local_error = error
+            return False
+        return True
+
+    def _agree_on_plan(self, job: _Job, step: int) -> None:
+        assert job.plan_future is not None and job.reduced_load is not None
+        new = job.plan_future.result()
+        job.plan = new
+        before = self._predicted(job.reduced_load, self.placement)
+        after = self._predicted(job.reduced_load, new)
+        self.stats.record_plan(before, after)
+        changed = [int(layer) for layer in np.flatnonzero(
+            (new.physical_to_logical != self._p2l).any(axis=1))]
+        gain = float(after.mean() - before.mean())
+        worth = bool(changed) and gain >= self.config.min_balancedness_gain
+        self._fire("plan_agreed", step, lc.Facts(worth_moving=worth))
+        if not worth:
+            self.stats.dropped += 1
+            log.info("model %r step %d: plan dropped (predicted gain %.4f, %d layers changed)",
+                     self.name, step, gain, len(changed))
+            self._job = None
+            return
+        size = self.config.layers_per_transfer
+        job.batches = [tuple(changed[i:i + size]) for i in range(0, len(changed), size)]
+        self._stage_next(job, step)
+
+    def _predicted(self, load: npt.NDArray[np.int64], placement: Placement) -> npt.NDArray[Any]:
+        return balancedness_per_layer(rank_load_from_logical(load, placement, self._world))
+
+    # -- transfer and commit ------------------------------------------------------------
+
+    def _stage_next(self, job: _Job, step: int) -> None:
+        assert job.plan is not None
+        job.layers = job.batches.pop(0)
+        job.deadline = time.monotonic() + self.config.peer_timeout_s
+        job.staged, job.local_error = None, None
+        try:
+            job.staged = self._mover.stage(self._p2l, job.plan.physical_to_logical,
+                                           job.layers, self.model.expert_weights)
+        except Exception as exc:  # reported through the next round, so all ranks fail together
+            job.local_error = exc
+        job.phase, job.due = "transfer_launch", step + self.config.readiness_lag
+
+    def _transfer_ready(self, job: _Job) -> bool:
+        if job.staged is None or job.local_error is not None:
+            return False
+        try:
+            return job.staged.ready()
+        except Exception as exc:
+            job.local_error = exc
+            return False
+
+    def _commit(self, job: _Job, step: int) -> None:
+        assert job.staged is not None and job.plan is not None
+        job.staged.commit()
+        layers = list(job.layers)
+        new = job.plan
+        self._p2l[layers] = new.physical_to_logical[layers]
+        self._l2p[layers] = torch.from_numpy(
+            np.ascontiguousarray(new.logical_to_physical[layers])).to(self._l2p.device)
+        self._rc[layers] = torch.from_numpy(
+            np.ascontiguousarray(new.replica_count[layers])).to(self._rc.device)
+        self.placement = Placement(self._p2l, new.num_logical)
+        self._window.set_map(self._p2l)
+        self.stats.bytes_moved += job.staged.bytes_received
+        self.stats.layers_committed += len(layers)
+        job.staged = None
+        done = not job.batches
+        self._fire("layers_committed", step, lc.Facts(all_layers_done=done))
+        if done:
+            self.stats.done += 1
+            self._job = None
+            log.info("model %r step %d: rebalance done in %d steps", self.name, step,
+                     step - job.started_step)
+        else:
+            self._stage_next(job, step)
+
+    # -- rounds and failure -------------------------------------------------------------
+
+    def _launch_round(self, job: _Job, step: int, phase: str, ready: bool) -> ReadinessRound:
+        if self._faults is not None:
+            ready = self._faults.report_ready(self.name, phase, job.layers, step, ready)
+        flags = encode_flags(self._rank, self._world, ready=ready,
+                             errored=job.local_error is not None,
+                             timed_out=time.monotonic() > job.deadline)
+        return self._allreduce.launch(flags)
+
+    async def _outcome(self, round_: ReadinessRound) -> RoundOutcome:
+        values = await wait_round(round_, self.config.peer_timeout_s)
+        return RoundOutcome.decode(values, self._world)
+
+    def _check_outcome(self, job: _Job, step: int, outcome: RoundOutcome) -> bool:
+        """Fail the rebalance if the round says so (on every rank alike); True if failed."""
+        if not outcome.failed:
+            return False
+        where = self._where(job)
+        if outcome.errored_ranks:
+            cause = job.local_error
+            detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+            self._fail(step, f"model {self.name!r}: {where} failed: rank(s) "
+                       f"{list(outcome.errored_ranks)} reported an error{detail}",
+                       cause=cause, ranks=outcome.errored_ranks)
+        else:
+            self._fail(step, f"model {self.name!r}: {where} timed out after "
+                       f"{self.config.peer_timeout_s:g} s waiting for rank(s) "
+                       f"{list(outcome.not_ready_ranks)}", ranks=outcome.not_ready_ranks)
+        return True
+
+    def _where(self, job: _Job) -> str:
+        return f"layer(s) {list(job.layers)}" if job.layers else "planning"
+
+    def _fail(self, step: int, message: str, *, cause: BaseException | None = None,
+              ranks: tuple[int, ...] = ()) -> None:
+        job = self._job
+        layers = job.layers if job is not None else ()
+        if job is not None and job.staged is not None:
+            job.staged.release()
+        self._job = None
+        if self.lifecycle.may_fire("fail"):
+            self._fire("fail", step)
+        self.stats.failed += 1
+        self.stats.last_error = message
+        log.error("%s (step %d; committed layers stay committed, the rest keep their old "
+                  "placement)", message, step)
+        if self.config.on_failure == "raise":
+            raise RebalanceFailed(message, model=self.name, layers=layers, ranks=ranks) from cause
+
+    def abort(self, step: int, reason: str) -> None:
+        """Leave an in-flight rebalance locally (used when the runtime is closed)."""
+        if self._job is not None:
+            job, self._job = self._job, None
+            if job.staged is not None:
+                job.staged.release()
+            self._fire("fail", step)
+            self.stats.failed += 1
+            self.stats.last_error = f"model {self.name!r}: aborted: {reason}"
+
+    def _fire(self, trigger: str, step: int, facts: lc.Facts | None = None) -> None:
+        source = self.state
+        dest = self.lifecycle.fire(trigger, step, facts)
+        entered_step, entered_at = self._entered
+        now = time.monotonic()
+        self.stats.add_time(source, step - entered_step, now - entered_at)
+        self._entered = (step, now)
+        log.debug("model %r step %d: %s -> %s (%s)", self.name, step, source, dest, trigger)
+
+    # -- the synchronous path -----------------------------------------------------------
+
+    async def rearrange_now(self, step: int, load: npt.NDArray[np.int64] | None = None) -> None:
+        """The whole rebalance inside this step (``use_async=False``, `rearrange()`).
+
+        Goes through the same states and records the same transitions, all at
+        `step`; waits happen here instead of being spread over later steps.
+        """
+        if self._job is not None:
+            raise RuntimeError(f"model {self.name!r}: a rebalance is already in flight")
+        self._begin(step)
+        job = self._job
+        assert job is not None
+        try:
+            local = self._window.snapshot().logical() if load is None else load
+            values = await wait_round(self._allreduce.launch(local.ravel()),
+                                      self.config.peer_timeout_s)
+            job.reduced_load = values.reshape(self.placement.num_layers, -1)
+            future: Future[Placement] = Future()
+            try:
+                future.set_result(self._plan(job.reduced_load))
+            except Exception as exc:
+                future.set_exception(exc)
+            job.plan_future = future
+            outcome = await self._outcome(
+                self._launch_round(job, step, "planning", self._plan_ready(job)))
+            if self._check_outcome(job, step, outcome):
+                return
+            self._agree_on_plan(job, step)
+            while self._job is not None:
+                if self.state == lc.STAGING:
+                    await self._until(lambda: self._transfer_ready(job) or
+                                      job.local_error is not None, job)
+                    job.round = self._launch_round(job, step, "staging",
+                                                   self._transfer_ready(job))
+                    self._fire("round_launched", step)
+                # else a round was relaunched after a not-ready answer: read it now
+                job.phase, job.due = "transfer_round", step
+                await self._advance(job, step)
+        except RebalanceFailed:
+            raise
+        except Exception as exc:
+            if self._job is not None:
+                self._fail(step, f"model {self.name!r}: synchronous rearrangement failed on "
+                           f"rank {self._rank}: {type(exc).__name__}: {exc}", cause=exc)
+            else:
+                raise
+
+    async def _until(self, condition: Callable[[], bool], job: _Job) -> None:
+        import anyio
+
+        while not condition():
+            if time.monotonic() > job.deadline:
+                return  # the round reports timed_out; every rank fails together
+            await anyio.sleep(0.0002)
+
+    # -- balancedness logging -----------------------------------------------------------
+
+    async def _log_balancedness(self, step: int, is_dummy: bool) -> None:
+        lag = self.config.readiness_lag
+        while self._log_rounds and self._log_rounds[0][0] + lag <= step:
+            launched, round_ = self._log_rounds.pop(0)
+            values = await wait_round(round_, self.config.peer_timeout_s)
+            per_layer = self._balancedness_of(values)
+            log.info("model %r step %d: balancedness %.4f avg, %.4f worst layer "
+                     "(mean/max per-rank load per layer, averaged over layers)",
+                     self.name, launched, per_layer.mean(), per_layer.min())
+        if step % self.config.log_balancedness_interval == 0:
+            # Every rank launches, dummy or not, so rounds stay paired; a dummy
+            # pass contributes zeros (the view was cleared).
+            last = self._window.last() if not is_dummy else None
+            values = (last if last is not None
+                      else np.zeros(self._load_view.numel(), dtype=np.int64))
+            self._log_rounds.append((step, self._allreduce.launch(values.ravel())))
+
+    def _balancedness_of(self, physical: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
+        from .._core.balance import rank_load_from_physical
+
+        load = physical.reshape(self.placement.num_layers, self.placement.num_physical)
+        return balancedness_per_layer(rank_load_from_physical(load, self._world))

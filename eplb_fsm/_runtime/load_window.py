@@ -1,0 +1,115 @@
+"""The sliding window of per-pass physical load, true across placement changes.
+
+Each non-dummy pass copies the model's ``expert_load_view`` [L, P] into a
+ring buffer on the model's device (one device copy, no host sync) and tags
+the entry with the version of `physical_to_logical` in force during that
+pass. When planning starts, entries are summed per version and each sum is
+mapped to logical experts with *its* version's map: load recorded before a
+layer was re-placed counts for the experts that were in those slots then.
+
+Reading the window is split in two so that no step waits for the device:
+`snapshot()` enqueues the sums and a non-blocking copy to host and records
+an event; `HostLoad.ready()` polls it; `HostLoad.logical()` maps to logical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = ["HostLoad", "LoadWindow", "physical_to_logical_load"]
+
+
+def physical_to_logical_load(
+    physical: npt.NDArray[np.int64], p2l: npt.NDArray[np.int64], num_logical: int
+) -> npt.NDArray[np.int64]:
+    """[L, P] slot load -> [L, E] expert load under map `p2l` (empty slots dropped)."""
+    num_layers = p2l.shape[0]
+    key = np.where(p2l >= 0, p2l, num_logical) + (num_logical + 1) * np.arange(num_layers)[:, None]
+    sums = np.bincount(key.ravel(), weights=physical.ravel().astype(np.float64),
+                       minlength=num_layers * (num_logical + 1))
+    return np.rint(sums).astype(np.int64).reshape(num_layers, num_logical + 1)[:, :num_logical]
+
+
+class HostLoad:
+    """Per-version load sums on their way to host memory."""
+
+    def __init__(self, sums: torch.Tensor, versions: list[int],
+                 maps: dict[int, npt.NDArray[np.int64]], num_logical: int) -> None:
+        self._versions = versions
+        self._maps = maps
+        self._num_logical = num_logical
+        self._event: torch.cuda.Event | None = None
+        if sums.is_cuda:
+            host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+            host.copy_(sums, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._host = host
+        else:
+            self._host = sums
+
+    def ready(self) -> bool:
+        return self._event is None or bool(self._event.query())
+
+    def logical(self) -> npt.NDArray[np.int64]:
+        """[L, E] logical load of the window. Waits for the copy if not `ready()`."""
+        if self._event is not None:
+            self._event.synchronize()
+        sums = self._host.numpy()
+        total: npt.NDArray[np.int64] | None = None
+        for i, version in enumerate(self._versions):
+            part = physical_to_logical_load(sums[i], self._maps[version], self._num_logical)
+            total = part if total is None else total + part
+        if total is None:
+            num_layers = next(iter(self._maps.values())).shape[0]
+            return np.zeros((num_layers, self._num_logical), dtype=np.int64)
+        return total
+
+
+class LoadWindow:
+    def __init__(self, window_size: int, num_layers: int, num_physical: int,
+                 num_logical: int, device: torch.device) -> None:
+        self._buf = torch.zeros(window_size, num_layers, num_physical, dtype=torch.int64,
+                                device=device)
+        self._version = np.full(window_size, -1, dtype=np.int64)
+        self._next = 0
+        self._num_logical = num_logical
+        self._maps: dict[int, npt.NDArray[np.int64]] = {}
+        self._current = -1
+
+    def set_map(self, p2l: npt.NDArray[np.int64]) -> None:
+        """Passes recorded from now on ran under `p2l`."""
+        self._current += 1
+        self._maps[self._current] = np.array(p2l, dtype=np.int64, copy=True)
+        live = set(self._version[self._version >= 0].tolist()) | {self._current}
+        for version in [v for v in self._maps if v not in live]:
+            del self._maps[version]
+
+    def record(self, load_view: torch.Tensor) -> None:
+        self._buf[self._next].copy_(load_view)
+        self._version[self._next] = self._current
+        self._next = (self._next + 1) % len(self._version)
+
+    def last(self) -> npt.NDArray[np.int64] | None:
+        """The latest recorded pass (copied to host: a device sync, so only for logging)."""
+        if self._version[(self._next - 1) % len(self._version)] < 0:
+            return None
+        return self._buf[(self._next - 1) % len(self._version)].cpu().numpy()
+
+    @property
+    def passes(self) -> int:
+        return int((self._version >= 0).sum())
+
+    def snapshot(self) -> HostLoad:
+        versions = sorted(set(self._version[self._version >= 0].tolist()))
+        if versions:
+            sums = torch.stack([
+                self._buf[torch.from_numpy(np.flatnonzero(self._version == v)).to(
+                    self._buf.device)].sum(dim=0)
+                for v in versions
+            ])
+        else:
+            sums = self._buf[:0].sum(dim=0, keepdim=True)[:0]
+        return HostLoad(sums, versions, dict(self._maps), self._num_logical)

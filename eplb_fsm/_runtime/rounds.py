@@ -1,0 +1,78 @@
+"""Readiness rounds: what each rank contributes and what all ranks learn.
+
+A round is one SUM all-reduce of ``1 + 2 * R`` int64 values:
+
+    [ timed_out, errored[0..R-1], not_ready[0..R-1] ]
+
+Rank r sets ``errored[r]`` if its local work raised, ``not_ready[r]`` if its
+work is not complete, and ``timed_out`` if the phase has outlasted the
+configured timeout on its clock. Every rank reads the same sums, so every
+rank takes the same decision at the same step — and an error names the
+ranks that were late or broken, not just how many.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+
+from .._adapters.interfaces import ReadinessRound
+
+__all__ = ["PeerTimeout", "RoundOutcome", "encode_flags", "wait_round"]
+
+POLL_S = 0.0002
+
+
+def encode_flags(rank: int, world_size: int, *, ready: bool, errored: bool,
+                 timed_out: bool) -> npt.NDArray[np.int64]:
+    values = np.zeros(1 + 2 * world_size, dtype=np.int64)
+    values[0] = int(timed_out)
+    values[1 + rank] = int(errored)
+    values[1 + world_size + rank] = int(not ready)
+    return values
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    timed_out: bool
+    errored_ranks: tuple[int, ...]
+    not_ready_ranks: tuple[int, ...]
+
+    @classmethod
+    def decode(cls, values: npt.NDArray[np.int64], world_size: int) -> RoundOutcome:
+        errored = values[1:1 + world_size]
+        not_ready = values[1 + world_size:1 + 2 * world_size]
+        return cls(bool(values[0] > 0), tuple(int(r) for r in np.flatnonzero(errored)),
+                   tuple(int(r) for r in np.flatnonzero(not_ready)))
+
+    @property
+    def all_ready(self) -> bool:
+        return not self.not_ready_ranks and not self.errored_ranks
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.errored_ranks) or (self.timed_out and bool(self.not_ready_ranks))
+
+
+class PeerTimeout(TimeoutError):
+    pass
+
+
+async def wait_round(round_: ReadinessRound, timeout_s: float) -> npt.NDArray[np.int64]:
+    """The round's result, yielding to the event loop while it is not done.
+
+    In the common case the round completed long ago and this returns at
+    once. Otherwise it polls (other tasks keep running) until `timeout_s`,
+    then raises `PeerTimeout`: a peer that never answers cannot hang us.
+    """
+    if not round_.done():
+        deadline = time.monotonic() + timeout_s
+        while not round_.done():
+            if time.monotonic() > deadline:
+                raise PeerTimeout(f"no answer from every peer within {timeout_s:g} s")
+            await anyio.sleep(POLL_S)
+    return round_.result(timeout=timeout_s)

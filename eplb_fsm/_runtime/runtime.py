@@ -1,0 +1,248 @@
+"""`EplbRuntime`: one step counter, one lifecycle per model, an awaitable `step()`.
+
+A serving engine calls ``await rt.step()`` once per forward pass on every
+rank. The runtime owns the step counter shared by all its models (main and
+draft), so their agreed steps line up across ranks. Each model's lifecycle
+is driven by a `ModelDriver`; this class only validates, dispatches and
+reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .._adapters.interfaces import AllReduce, FaultHook, MoEModel, WeightMover
+from .._core.lifecycle import TransitionRecord
+from .._core.placement import Placement
+from .._core.planning import available_policies
+from .config import EplbConfig
+from .driver import ModelDriver, RebalanceFailed
+
+__all__ = ["EplbRuntime"]
+
+log = logging.getLogger("eplb_fsm")
+
+_INT_FIELDS = ("num_moe_layers", "num_logical_experts", "num_physical_experts",
+               "num_local_physical_experts", "num_redundant_experts", "num_expert_groups")
+
+
+def _check_model(model: Any, config: EplbConfig, world_size: int) -> int:
+    """Raise ValueError naming the field where `model` and `config` disagree; return groups."""
+    for name in (*_INT_FIELDS, "expert_weights", "set_eplb_state"):
+        if not hasattr(model, name):
+            raise ValueError(f"model lacks {name!r} (see eplb_fsm.MoEModel)")
+    for name in _INT_FIELDS:
+        value = getattr(model, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"model.{name} must be an int >= 0, got {value!r}")
+    num_layers = model.num_moe_layers
+    num_logical, num_physical = model.num_logical_experts, model.num_physical_experts
+    if num_layers < 1 or num_logical < 1:
+        raise ValueError("model.num_moe_layers and model.num_logical_experts must be >= 1")
+    if num_physical != num_logical + model.num_redundant_experts:
+        raise ValueError(f"model.num_physical_experts={num_physical} must equal "
+                         f"num_logical_experts + num_redundant_experts = "
+                         f"{num_logical} + {model.num_redundant_experts}")
+    if model.num_redundant_experts != config.num_redundant_experts:
+        raise ValueError(f"EplbConfig.num_redundant_experts={config.num_redundant_experts} "
+                         f"disagrees with model.num_redundant_experts="
+                         f"{model.num_redundant_experts}")
+    if model.num_local_physical_experts * world_size != num_physical:
+        raise ValueError(f"model.num_local_physical_experts={model.num_local_physical_experts}"
+                         f" x {world_size} ranks must equal num_physical_experts={num_physical}")
+    weights = model.expert_weights
+    if len(weights) != num_layers:
+        raise ValueError(f"model.expert_weights has {len(weights)} layers, expected "
+                         f"num_moe_layers={num_layers}")
+    for layer, tensors in enumerate(weights):
+        if len(tensors) < 1:
+            raise ValueError(f"model.expert_weights[{layer}] holds no tensor")
+        for i, tensor in enumerate(tensors):
+            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or \
+                    tensor.shape[0] != model.num_local_physical_experts:
+                raise ValueError(
+                    f"model.expert_weights[{layer}][{i}] must be a tensor whose first dim is "
+                    f"num_local_physical_experts={model.num_local_physical_experts}")
+    groups = config.num_groups if config.num_groups is not None else model.num_expert_groups
+    groups = max(int(groups), 1)
+    if num_logical % groups:
+        raise ValueError(f"model.num_logical_experts={num_logical} must be divisible by "
+                         f"num_groups={groups}")
+    if world_size % config.num_nodes:
+        raise ValueError(f"EplbConfig.num_nodes={config.num_nodes} must divide the "
+                         f"{world_size} ranks")
+    return groups
+
+
+class EplbRuntime:
+    """Drives every model's rebalance lifecycle from the serving loop.
+
+    ``EplbRuntime(config, group=None, cpu_group=None, device=None)`` uses
+    torch.distributed: `group` (default: WORLD) carries the weight transfers
+    (NCCL on GPU, gloo on CPU); `cpu_group` (default: a new gloo group over
+    the same ranks, created collectively here) carries the readiness and load
+    all-reduces. For custom transports and for tests, see `from_adapters`
+    and `eplb_fsm.testing.FakeCluster`.
+    """
+
+    def __init__(self, config: EplbConfig, group: Any = None, cpu_group: Any = None,
+                 device: torch.device | str | None = None) -> None:
+        import torch.distributed as dist
+
+        from .._adapters.collectives import TorchAllReduce
+        from .._adapters.transfer import TransferEngine
+
+        if not isinstance(config, EplbConfig):
+            raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("EplbRuntime needs torch.distributed initialised "
+                             "(init_process_group); for tests use eplb_fsm.testing.FakeCluster")
+        group = group if group is not None else dist.group.WORLD
+        if cpu_group is None:
+            cpu_group = dist.new_group(ranks=dist.get_process_group_ranks(group), backend="gloo")
+        if device is None:
+            on_gpu = dist.get_backend(group) == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
+        device = torch.device(device)
+        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node)
+        self._setup(config, TorchAllReduce(cpu_group), mover, device, None)
+
+    @classmethod
+    def from_adapters(cls, config: EplbConfig, *, allreduce: AllReduce, mover: WeightMover,
+                      device: torch.device | str = "cpu",
+                      faults: FaultHook | None = None) -> EplbRuntime:
+        """A runtime over your own transports (see `eplb_fsm.MoEModel` and friends)."""
+        if not isinstance(config, EplbConfig):
+            raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
+        runtime = cls.__new__(cls)
+        runtime._setup(config, allreduce, mover, torch.device(device), faults)
+        return runtime
+
+    def _setup(self, config: EplbConfig, allreduce: AllReduce, mover: WeightMover,
+               device: torch.device, faults: FaultHook | None) -> None:
+        if config.policy not in available_policies():
+            raise ValueError(f"EplbConfig.policy {config.policy!r} is unknown; known policies: "
+                             f"{', '.join(available_policies())}")
+        self.config = config
+        self._allreduce = allreduce
+        self._mover = mover
+        self._device = device
+        self._faults = faults
+        self._drivers: dict[str, ModelDriver] = {}
+        self._step = 0
+        # One worker: plans are rare, and one at a time keeps memory flat.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
+
+    # -- models -------------------------------------------------------------------------
+
+    def add_model(self, model: MoEModel, name: str = "main",
+                  placement: Placement | None = None) -> None:
+        """Balance `model` from the next step on; call on every rank in the same order.
+
+        `placement` is the layout its weights are in now (default: vLLM's
+        initial layout, slot i holding expert i % E).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        if name in self._drivers:
+            raise ValueError(f"a model named {name!r} was already added")
+        if any(d.busy for d in self._drivers.values()):
+            raise ValueError("add_model while a rebalance is in flight would break the agreed "
+                             "step order; add models before serving or between rebalances")
+        groups = _check_model(model, self.config, self._allreduce.world_size)
+        if placement is None:
+            placement = Placement.initial(model.num_moe_layers, model.num_logical_experts,
+                                          model.num_physical_experts)
+        elif (placement.num_layers, placement.num_logical, placement.num_physical) != (
+                model.num_moe_layers, model.num_logical_experts, model.num_physical_experts):
+            raise ValueError("placement shape disagrees with the model's layers and experts")
+        self._drivers[name] = ModelDriver(
+            name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
+            mover=self._mover, device=self._device, executor=self._executor,
+            faults=self._faults)
+
+    # -- the hook -----------------------------------------------------------------------
+
+    async def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
+        """Call once per forward pass on every rank, after the pass.
+
+        ``is_dummy``: the pass served no real tokens (records no load, still
+        counts). ``is_profile``: allocate the transfer engine's peak buffers once
+        so the engine's memory profiling sees them; does not count as a step.
+        Raises `RebalanceFailed` (with ``on_failure="raise"``) after every model
+        has taken this step, so models stay in step with each other.
+        """
+        if is_profile:
+            self.profile()
+            return
+        self._step += 1
+        errors: list[RebalanceFailed] = []
+        for driver in self._drivers.values():
+            try:
+                await driver.step(self._step, is_dummy)
+            except RebalanceFailed as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def profile(self) -> None:
+        profile = getattr(self._mover, "profile", None)
+        for driver in self._drivers.values():
+            if profile is not None:
+                profile(driver.model.expert_weights, self.config.layers_per_transfer)
+
+    async def rearrange_async(self) -> None:
+        """A full rebalance of every model inside this call (all ranks call it together)."""
+        for driver in self._drivers.values():
+            await driver.rearrange_now(self._step)
+
+    def rearrange(self) -> None:
+        """Blocking full rebalance now, the synchronous path; all ranks call it together."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self.rearrange_async())
+            return
+        raise RuntimeError("rearrange() blocks; inside an event loop use "
+                           "`await rt.rearrange_async()`")
+
+    # -- views --------------------------------------------------------------------------
+
+    def _driver(self, name: str) -> ModelDriver:
+        if name not in self._drivers:
+            raise ValueError(f"no model named {name!r}; models: {', '.join(self._drivers)}")
+        return self._drivers[name]
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def models(self) -> Sequence[str]:
+        return tuple(self._drivers)
+
+    def phase(self, name: str = "main") -> str:
+        return self._driver(name).state
+
+    def history(self, name: str = "main") -> list[TransitionRecord]:
+        return list(self._driver(name).lifecycle.history)
+
+    def placement(self, name: str = "main") -> Placement:
+        return self._driver(name).placement
+
+    def stats(self) -> dict[str, Any]:
+        return {"step": self._step,
+                "models": {name: {"phase": d.state, **d.stats.as_dict()}
+                           for name, d in self._drivers.items()}}
+
+    def close(self) -> None:
+        """Abort in-flight rebalances locally and stop the planning thread."""
+        for driver in self._drivers.values():
+            driver.abort(self._step, "runtime closed")
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -51,7 +51,9 @@ class MoEModel(Protocol):
     - ``logical_replica_count`` [L, E].
     """
 
-    expert_weights: Sequence[Sequence[torch.Tensor]]
+    @property
+    def expert_weights(self) -> Sequence[Sequence[torch.Tensor]]: ...
+
     num_moe_layers: int
     num_logical_experts: int
     num_physical_experts: int

@@ -150,7 +150,7 @@ class Lifecycle:
         which is a bug, not a condition to absorb.
         """
         source = self._model.state
-        self._model.trigger(trigger, facts=facts or Facts())
+        self._machine.events[trigger].trigger(self._model, facts=facts or Facts())
         dest = self._model.state
         self.history.append(TransitionRecord(step, source, dest, trigger))
         return dest

@@ -83,6 +83,9 @@ class LoadWindow:
         """Passes recorded from now on ran under `p2l`."""
         self._current += 1
         self._maps[self._current] = np.array(p2l, dtype=np.int64, copy=True)
+        self._forget_unused_maps()
+
+    def _forget_unused_maps(self) -> None:
         live = set(self._version[self._version >= 0].tolist()) | {self._current}
         for version in [v for v in self._maps if v not in live]:
             del self._maps[version]
@@ -103,6 +106,7 @@ class LoadWindow:
         return int((self._version >= 0).sum())
 
     def snapshot(self) -> HostLoad:
+        self._forget_unused_maps()
         versions = sorted(set(self._version[self._version >= 0].tolist()))
         if versions:
             sums = torch.stack([

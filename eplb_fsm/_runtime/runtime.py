@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -111,21 +111,27 @@ class EplbRuntime:
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         device = torch.device(device)
         mover = TransferEngine(group, device=device, node_size=config.ranks_per_node)
-        self._setup(config, TorchAllReduce(cpu_group), mover, device, None)
+        self._setup(config, TorchAllReduce(cpu_group), mover, device, None, None)
 
     @classmethod
     def from_adapters(cls, config: EplbConfig, *, allreduce: AllReduce, mover: WeightMover,
-                      device: torch.device | str = "cpu",
-                      faults: FaultHook | None = None) -> EplbRuntime:
-        """A runtime over your own transports (see `eplb_fsm.MoEModel` and friends)."""
+                      device: torch.device | str = "cpu", faults: FaultHook | None = None,
+                      planner: Executor | None = None) -> EplbRuntime:
+        """A runtime over your own transports (see `eplb_fsm.MoEModel` and friends).
+
+        `planner` runs the planning; the default is one worker thread, so planning
+        never blocks the event loop. A test may pass an executor that runs
+        inline, making the step at which each rank has its plan deterministic.
+        """
         if not isinstance(config, EplbConfig):
             raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
         runtime = cls.__new__(cls)
-        runtime._setup(config, allreduce, mover, torch.device(device), faults)
+        runtime._setup(config, allreduce, mover, torch.device(device), faults, planner)
         return runtime
 
     def _setup(self, config: EplbConfig, allreduce: AllReduce, mover: WeightMover,
-               device: torch.device, faults: FaultHook | None) -> None:
+               device: torch.device, faults: FaultHook | None,
+               planner: Executor | None) -> None:
         if config.policy not in available_policies():
             raise ValueError(f"EplbConfig.policy {config.policy!r} is unknown; known policies: "
                              f"{', '.join(available_policies())}")
@@ -137,7 +143,8 @@ class EplbRuntime:
         self._drivers: dict[str, ModelDriver] = {}
         self._step = 0
         # One worker: plans are rare, and one at a time keeps memory flat.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
+        self._executor = planner or ThreadPoolExecutor(max_workers=1,
+                                                       thread_name_prefix="eplb-plan")
 
     # -- models -------------------------------------------------------------------------
 

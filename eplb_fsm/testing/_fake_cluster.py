@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +224,18 @@ class _Faults:
         return False
 
 
+class _InlineExecutor(Executor):
+    """Runs each task at submit: a rank has its plan at the step planning starts."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
 class FakeCluster:
     """N in-process ranks, each with a real `EplbRuntime` over fake transports.
 
@@ -232,7 +245,10 @@ class FakeCluster:
     >>> # asyncio: await cluster.run(60, load=lambda rank, step: my_load)
     """
 
-    def __init__(self, num_ranks: int, config: EplbConfig) -> None:
+    def __init__(self, num_ranks: int, config: EplbConfig, *,
+                 threaded_planning: bool = False) -> None:
+        """`threaded_planning=False` plans inline, so runs are step-for-step
+        reproducible; True plans on each runtime's worker thread, as in production."""
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
         self.num_ranks = num_ranks
@@ -241,7 +257,8 @@ class FakeCluster:
         self._faults = [_Faults() for _ in range(num_ranks)]
         self.runtimes = [
             EplbRuntime.from_adapters(config, allreduce=_FakeAllReduce(self._ledger, r),
-                                      mover=_FakeMover(self, r), faults=self._faults[r])
+                                      mover=_FakeMover(self, r), faults=self._faults[r],
+                                      planner=None if threaded_planning else _InlineExecutor())
             for r in range(num_ranks)
         ]
         self.models: dict[str, list[Any]] = {}

@@ -1,0 +1,37 @@
+"""The load window maps each pass with the placement it ran under."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from eplb_fsm._runtime.load_window import LoadWindow, physical_to_logical_load
+
+
+def test_passes_count_for_the_experts_that_were_in_their_slots_then() -> None:
+    old = np.array([[0, 1, 2, 0]])
+    new = np.array([[2, 0, 1, 1]])
+    window = LoadWindow(4, 1, 4, 3, torch.device("cpu"))
+    window.set_map(old)
+    window.record(torch.tensor([[1, 2, 3, 4]]))
+    window.set_map(new)
+    window.record(torch.tensor([[10, 20, 30, 40]]))
+    # old: e0 = 1 + 4, e1 = 2, e2 = 3; new: e2 = 10, e0 = 20, e1 = 30 + 40
+    np.testing.assert_array_equal(window.snapshot().logical(), [[25, 72, 13]])
+
+
+def test_ring_buffer_forgets_the_oldest_pass_and_its_map() -> None:
+    window = LoadWindow(2, 1, 2, 2, torch.device("cpu"))
+    window.set_map(np.array([[0, 1]]))
+    window.record(torch.tensor([[5, 0]]))
+    window.set_map(np.array([[1, 0]]))
+    window.record(torch.tensor([[1, 0]]))
+    window.record(torch.tensor([[0, 7]]))  # overwrites the first pass
+    np.testing.assert_array_equal(window.snapshot().logical(), [[7, 1]])
+    assert window.passes == 2
+    assert len(window._maps) == 1  # the first map is no longer referenced
+
+
+def test_empty_slots_drop_their_load() -> None:
+    load = physical_to_logical_load(np.array([[3, 4, 5]]), np.array([[1, -1, 1]]), 2)
+    np.testing.assert_array_equal(load, [[0, 8]])

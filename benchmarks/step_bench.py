@@ -1,0 +1,126 @@
+"""Cost of ``await rt.step()`` on gloo CPU ranks: idle, and while a rebalance is in flight.
+
+Against a baseline loop that does what vLLM's async EPLB does on every step
+while a rebalance is in flight: one blocking gloo all-reduce of an int.
+Each rank runs the same loop; a barrier outside the timed region stands in
+for the forward pass's own collectives (it keeps ranks in step, as serving
+does). Times are per step, in microseconds, over all ranks' steps.
+
+In flight, steps are split into those that launched a collective (a load or
+readiness all-reduce) and the rest: only the former should cost more than
+an idle step.
+
+    python benchmarks/step_bench.py [--ranks 2 4] [--steps 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from eplb_fsm import EplbConfig, EplbRuntime
+from eplb_fsm.testing import TaggedMoEModel, run_ranks
+
+L, E, REDUNDANT = 8, 64, 16
+
+
+def _count_launches(rt: EplbRuntime) -> list[int]:
+    """Wrap the runtime's all-reduce so the bench can tell launching steps apart."""
+    counter = [0]
+    allreduce = rt._allreduce
+    launch = allreduce.launch
+
+    def counted(values: Any) -> Any:
+        counter[0] += 1
+        return launch(values)
+
+    allreduce.launch = counted  # type: ignore[method-assign]
+    return counter
+
+
+def _rank(rank: int, world: int, steps: int) -> dict[str, list[float]]:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(rank)
+    loads = torch.from_numpy(rng.integers(0, 50, size=(16, L, E + REDUNDANT)))
+
+    async def measure(cfg: EplbConfig, steps: int) -> tuple[list[float], list[bool], list[bool]]:
+        rt = EplbRuntime(cfg)
+        model = TaggedMoEModel(rank, world, L, E, REDUNDANT)
+        rt.add_model(model, "main")
+        launches = _count_launches(rt)
+        driver = rt._drivers["main"]
+        times, busy, launched = [], [], []
+        for i in range(steps):
+            model.expert_load_view += loads[i % len(loads)]
+            dist.barrier()
+            before, was_busy = launches[0], driver.busy
+            start = time.perf_counter()
+            await rt.step()
+            times.append((time.perf_counter() - start) * 1e6)
+            busy.append(was_busy or driver.busy)
+            launched.append(launches[0] != before)
+        rt.close()
+        return times, busy, launched
+
+    idle_cfg = EplbConfig(window_size=100, step_interval=10**9,
+                          num_redundant_experts=REDUNDANT)
+    idle, _, _ = asyncio.run(measure(idle_cfg, steps))
+    flight_cfg = EplbConfig(window_size=100, step_interval=200, readiness_lag=4,
+                            num_redundant_experts=REDUNDANT)
+    times, busy, launched = asyncio.run(measure(flight_cfg, steps))
+    in_flight = [t for t, b in zip(times, busy, strict=True) if b]
+    flight_launch = [t for t, b, x in zip(times, busy, launched, strict=True) if b and x]
+    flight_other = [t for t, b, x in zip(times, busy, launched, strict=True) if b and not x]
+
+    cpu_group = dist.new_group(backend="gloo")
+    baseline = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        flag = torch.ones(1, dtype=torch.int64)
+        dist.all_reduce(flag, group=cpu_group)  # blocking, every step in flight
+        baseline.append((time.perf_counter() - start) * 1e6)
+    return {"idle": idle, "in_flight": in_flight, "in_flight_launching": flight_launch,
+            "in_flight_other": flight_other, "baseline": baseline}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, default=3000)
+    args = parser.parse_args()
+    rows = []
+    for world in args.ranks:
+        results = run_ranks(_rank, world, args.steps, timeout=600)
+        merged: dict[str, list[float]] = {}
+        for result in results:
+            for key, values in result.items():
+                merged.setdefault(key, []).extend(values)
+        rows.append((world, merged))
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, gloo on CPU; "
+          f"model {L} layers x {E} experts + {REDUNDANT} redundant; {args.steps} steps per "
+          "loop per rank; microseconds per step over all ranks")
+    head = (f"{'ranks':>5} {'loop':>28} {'steps':>6} {'p50 us':>8} {'p99 us':>9} "
+            f"{'p50 vs baseline':>15}")
+    print(head)
+    print("-" * len(head))
+    for world, merged in rows:
+        base = float(np.median(merged["baseline"]))
+        for key in ("idle", "in_flight", "in_flight_launching", "in_flight_other", "baseline"):
+            values = np.asarray(merged[key])
+            if values.size == 0:
+                continue
+            p50, p99 = np.percentile(values, [50, 99])
+            print(f"{world:>5} {key:>28} {values.size:>6} {p50:>8.1f} {p99:>9.1f} "
+                  f"{p50 / base:>14.2f}x")
+
+
+if __name__ == "__main__":
+    main()

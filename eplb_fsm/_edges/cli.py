@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import cli_diagram, cli_plan
+from . import cli_diagram, cli_plan, cli_simulate
 
 __all__ = ["build_parser", "main"]
 
@@ -20,6 +20,7 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eplb-fsm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    cli_simulate.add_parser(sub)
     cli_plan.add_parser(sub)
     cli_diagram.add_parser(sub)
     return parser

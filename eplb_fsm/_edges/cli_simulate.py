@@ -1,0 +1,175 @@
+"""``eplb-fsm simulate``: a serving-like run of the reference model with the balancer.
+
+By default it spawns ``--ranks`` CPU processes on gloo (a laptop is enough);
+under ``torchrun`` it runs in the launched processes instead (any backend,
+several nodes), and rank 0 prints. Every flag is checked before any process
+starts; a rank that dies ends the run with its error, never a hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .._adapters.launch import RankFailed, run_ranks
+from .._core.planning import available_policies
+from .cli_plan import positive_int
+from .report import build_report, format_summary, write_report
+from .simulate import SimulateOptions, run_rank
+
+__all__ = ["add_parser"]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = SimulateOptions()
+    p = sub.add_parser(
+        "simulate", help="run the reference MoE model with the balancer on R ranks",
+        description="Serve a skewed, drifting trace with the reference expert-parallel MoE "
+        "model on R ranks and report balancedness, rebalances, step() overhead and output "
+        "invariance. Spawns gloo CPU processes, or runs under torchrun.")
+    p.add_argument("--mode", choices=("async", "sync", "off"), default=d.mode,
+                   help="async: the runtime; sync: rearrange inside the triggering step; "
+                   "off: no balancing")
+    p.add_argument("--ranks", type=positive_int, default=d.ranks, help="ranks to spawn")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="forward passes")
+    p.add_argument("--layers", type=positive_int, default=d.layers)
+    p.add_argument("--experts", type=positive_int, default=d.experts, help="logical experts")
+    p.add_argument("--redundant", type=int, default=d.redundant, help="redundant slots")
+    p.add_argument("--top-k", type=positive_int, default=d.top_k)
+    p.add_argument("--tokens", type=positive_int, default=d.tokens,
+                   help="tokens per rank per pass")
+    p.add_argument("--hidden", type=positive_int, default=d.hidden)
+    p.add_argument("--intermediate", type=positive_int, default=d.intermediate)
+    p.add_argument("--groups", type=positive_int, default=d.groups, help="expert groups")
+    p.add_argument("--nodes", type=positive_int, default=d.nodes)
+    p.add_argument("--policy", default=d.policy,
+                   help=f"planning policy (known: {', '.join(available_policies())})")
+    p.add_argument("--window-size", type=positive_int, default=d.window_size)
+    p.add_argument("--step-interval", type=positive_int, default=d.step_interval)
+    p.add_argument("--readiness-lag", type=positive_int, default=d.readiness_lag)
+    p.add_argument("--exponent", type=_nonneg_float, default=d.exponent,
+                   help="Zipf exponent of expert popularity")
+    p.add_argument("--drift", type=_fraction, default=d.drift,
+                   help="fraction of popularity mass that moves per step")
+    p.add_argument("--shift-at", type=positive_int, nargs="*", default=list(d.shift_steps),
+                   help="steps at which the hot set changes suddenly")
+    p.add_argument("--trace", type=Path, help="replay a recorded [steps, layers, experts] load")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--check-every", type=positive_int, default=d.check_every,
+                   help="compare outputs with a dense evaluation every N passes")
+    p.add_argument("--timeout", type=positive_int, default=900,
+                   help="seconds before a stuck run is killed")
+    p.add_argument("--report", type=Path, help="write report.json (and PNG plots) here")
+    p.set_defaults(func=_run)
+
+
+def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
+    """Check what the flags imply together; raise ValueError naming the flag."""
+    if args.redundant < 0:
+        raise ValueError(f"--redundant must be >= 0, got {args.redundant}")
+    physical = args.experts + args.redundant
+    if physical % ranks:
+        raise ValueError(f"--experts + --redundant = {physical} slots must split evenly over "
+                         f"{ranks} ranks (--ranks)")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k={args.top_k} exceeds --experts={args.experts}")
+    if args.experts % args.groups:
+        raise ValueError(f"--experts={args.experts} must be divisible by --groups={args.groups}")
+    if ranks % args.nodes:
+        raise ValueError(f"--nodes={args.nodes} must divide the {ranks} ranks")
+    if args.policy not in available_policies():
+        raise ValueError(f"--policy {args.policy!r} is unknown; known: "
+                         f"{', '.join(available_policies())}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if sorted(set(args.shift_at)) != list(args.shift_at):
+        raise ValueError("--shift-at steps must be strictly increasing")
+    trace_file = None
+    if args.trace is not None:
+        from .files import read_load
+
+        loads = read_load(args.trace, ndim=3)  # checks the file before any process starts
+        if loads.shape[1:] != (args.layers, args.experts):
+            raise ValueError(f"--trace {args.trace} has [layers, experts] = "
+                             f"{list(loads.shape[1:])}, but --layers={args.layers} "
+                             f"--experts={args.experts}")
+        trace_file = str(args.trace)
+    opts = SimulateOptions(
+        ranks=ranks, steps=args.steps, mode=args.mode, layers=args.layers,
+        experts=args.experts, redundant=args.redundant, top_k=args.top_k, tokens=args.tokens,
+        hidden=args.hidden, intermediate=args.intermediate, groups=args.groups,
+        nodes=args.nodes, policy=args.policy, window_size=args.window_size,
+        step_interval=args.step_interval, readiness_lag=args.readiness_lag,
+        exponent=args.exponent, drift=args.drift, shift_steps=tuple(args.shift_at),
+        trace_file=trace_file, seed=args.seed, check_every=args.check_every, progress=True)
+    opts.eplb_config()  # the runtime's own checks, before any process starts
+    opts.moe_config()
+    return opts
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if _under_torchrun():
+        return _run_torchrun(args)
+    opts = _options(args, args.ranks)
+    try:
+        results = run_ranks(run_rank, opts.ranks, opts, timeout=args.timeout)
+    except RankFailed as exc:
+        last = str(exc).strip().splitlines()
+        raise ValueError(f"the run failed: {last[0]} ... {last[-1]}") from exc
+    _finish(args, build_report(opts, results))
+    return 0
+
+
+def _run_torchrun(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opts = _options(args, world)
+    if dist.get_backend() == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        opts = SimulateOptions(**{**opts.__dict__, "device": "cuda", "backend": "nccl"})
+    result = run_rank(rank, world, opts)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        _finish(args, build_report(opts, gathered))
+    dist.destroy_process_group()
+    return 0
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    print(format_summary(report))
+    if args.report is not None:
+        for path in write_report(report, args.report):
+            print(f"wrote {path}")

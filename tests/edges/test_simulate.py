@@ -1,0 +1,76 @@
+"""`eplb-fsm simulate` end to end on spawned gloo ranks, judged by its JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eplb_fsm._edges.cli import main
+
+# 190 steps: rebalances start at 50, 100 and 150, and the last one has time to
+# finish in async mode too, so both modes end on the same plan.
+SMALL = ["--ranks", "4", "--steps", "190", "--layers", "4", "--experts", "16",
+         "--redundant", "4", "--tokens", "64", "--step-interval", "50", "--window-size", "25",
+         "--exponent", "1.5", "--shift-at", "100", "--check-every", "20"]
+
+
+def _simulate(tmp_path: Path, mode: str) -> dict:
+    out = tmp_path / mode
+    assert main(["simulate", *SMALL, "--mode", mode, "--report", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("first", "last", "min"):
+        assert 0 < report["balancedness"][key] <= 1
+    for key in ("p50", "p99"):
+        assert report["step_overhead_us"][key] >= 0
+    assert len(report["final_placement"]) == 4 and len(report["final_placement"][0]) == 20
+    return report
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("simulate")
+    return {mode: _simulate(tmp, mode) for mode in ("async", "sync", "off")}
+
+
+def test_balancing_beats_no_balancing_on_a_skewed_trace(reports: dict[str, dict]) -> None:
+    assert reports["async"]["balancedness"]["last"] > reports["off"]["balancedness"]["last"] + 0.1
+    assert reports["async"]["rebalances"]["done"] >= 2
+    assert reports["off"]["rebalances"]["done"] == 0 and reports["off"]["bytes_moved"] == 0
+
+
+def test_outputs_never_changed(reports: dict[str, dict]) -> None:
+    for mode, report in reports.items():
+        assert report["invariance_held"], mode
+        assert report["invariance_checks"] >= 190 // 20, mode  # plus one per commit
+
+
+def test_async_and_sync_reach_the_same_placement(reports: dict[str, dict]) -> None:
+    assert reports["async"]["final_placement"] == reports["sync"]["final_placement"]
+    assert reports["sync"]["rebalances"]["done"] == reports["async"]["rebalances"]["done"]
+
+
+def test_plots_are_written(reports: dict[str, dict], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["simulate", *SMALL, "--steps", "30", "--mode", "off",
+                 "--report", str(tmp_path)]) == 0
+    assert (tmp_path / "balancedness.png").stat().st_size > 1000
+    assert (tmp_path / "rank_load.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--ranks", "3"], "20 slots must split evenly over 3 ranks"),
+    (["--nodes", "3"], "--nodes=3 must divide the 4 ranks"),
+    (["--top-k", "17"], "--top-k=17 exceeds --experts=16"),
+    (["--groups", "3"], "--experts=16 must be divisible by --groups=3"),
+    (["--policy", "nope"], "--policy 'nope' is unknown"),
+    (["--redundant", "-4"], "--redundant must be >= 0"),
+    (["--trace", "missing.npy"], "does not exist"),
+])
+def test_bad_flags_fail_before_any_process_starts(
+    flags: list[str], match: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["simulate", *SMALL, *flags]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1

@@ -38,7 +38,7 @@ Mode = Literal["async", "sync", "off"]
 @dataclass(frozen=True)
 class SimulateOptions:
     ranks: int = 4
-    steps: int = 300
+    steps: int = 240
     mode: Mode = "async"
     layers: int = 8
     experts: int = 64
@@ -50,12 +50,12 @@ class SimulateOptions:
     groups: int = 1
     nodes: int = 1
     policy: str = "default"
-    window_size: int = 40
-    step_interval: int = 80
+    window_size: int = 30
+    step_interval: int = 60
     readiness_lag: int = 2
     exponent: float = 1.2
     drift: float = 0.002
-    shift_steps: tuple[int, ...] = (160,)
+    shift_steps: tuple[int, ...] = (130,)
     trace_file: str | None = None
     seed: int = 0
     check_every: int = 50

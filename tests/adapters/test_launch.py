@@ -25,7 +25,7 @@ def _raise_on_one(rank: int, world_size: int) -> None:
 
 def _hang_on_one(rank: int, world_size: int) -> None:
     if rank == 1:
-        time.sleep(60)
+        time.sleep(600)
 
 
 def _die_on_one(rank: int, world_size: int) -> None:
@@ -44,9 +44,9 @@ def test_raising_rank_is_named_with_its_traceback() -> None:
 
 def test_hanging_rank_fails_within_the_timeout() -> None:
     start = time.monotonic()
-    with pytest.raises(RankFailed, match=r"rank\(s\) \[1\] did not finish within 4 s"):
-        run_ranks(_hang_on_one, 2, timeout=4)
-    assert time.monotonic() - start < 20
+    with pytest.raises(RankFailed, match=r"rank\(s\) \[1\] did not finish within 10 s"):
+        run_ranks(_hang_on_one, 2, timeout=10)
+    assert time.monotonic() - start < 30
 
 
 def test_dying_rank_is_reported() -> None:

@@ -63,6 +63,7 @@ class Row:
     pct_of_bound: float
     commit_ms: float | None = None
     ready_us: float | None = None  # mean cost of one ready() poll
+    prepare_ms: float | None = None  # the plan, computed before the timed stage()
 
 
 # -- setup -----------------------------------------------------------------------------------
@@ -146,8 +147,9 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
 
 
 def engine_run(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layers: list[int],
-               weights: list[list[torch.Tensor]], polls: list[float]) -> None:
-    handle = engine.stage(old, new, layers, weights)
+               weights: list[list[torch.Tensor]], polls: list[float],
+               prepared: Any = None) -> None:
+    handle = engine.stage(old, new, layers, weights, prepared)
     n, start = 0, time.perf_counter()
     while not handle.ready():
         n += 1
@@ -212,16 +214,23 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         buffers.clear()  # free the bound's buffers before the engine allocates its own
         rows.append(Row(count, "plain batch_isend_irecv (bound)", mean_mb, bound_s * 1e3,
                         mean_mb / 1e3 / bound_s, 100.0))
-        for coalesce in (False, True):
+        # The runtime prepares each batch's plan in its planning thread, so the
+        # agreed step only launches; "+plan" rows plan inside the timed stage().
+        for coalesce, prepare in ((False, False), (False, True), (True, True)):
             eng = TransferEngine(coalesce=coalesce)
             polls: list[float] = []
-            took = _timed(partial(engine_run, eng, old, new, layers, weights, polls), device,
-                          warmup, repeats)
+            start = time.perf_counter()
+            prepared = eng.prepare(old, new, layers) if prepare else None
+            prepare_s = _slowest(time.perf_counter() - start, device)
+            took = _timed(partial(engine_run, eng, old, new, layers, weights, polls, prepared),
+                          device, warmup, repeats)
             commit_s = _commit_time(eng, old, new, layers, weights, device, warmup, repeats)
-            name = "TransferEngine coalesce" if coalesce else "TransferEngine"
+            name = ("TransferEngine" + (" coalesce" if coalesce else "")
+                    + (" (prepared)" if prepare else " +plan"))
             rows.append(Row(count, name, mean_mb, took * 1e3, mean_mb / 1e3 / took,
                             100.0 * bound_s / took, commit_s * 1e3,
-                            _mean(statistics.mean(polls), device) * 1e6))
+                            _mean(statistics.mean(polls), device) * 1e6,
+                            prepare_s * 1e3 if prepare else None))
     return [asdict(r) for r in rows]
 
 
@@ -279,15 +288,16 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
         f"time = slowest rank, median of {args['repeats']} (after {args['warmup']} warm-up); "
         "GB/s per rank = mean bytes received per rank / time",
         "",
-        f"{'layers':>6}  {'method':<32} {'MB/rank':>9} {'ms':>9} {'GB/s/rank':>10} "
-        f"{'% bound':>8} {'commit ms':>10} {'ready() us':>10}",
+        f"{'layers':>6}  {'method':<36} {'MB/rank':>9} {'ms':>9} {'GB/s/rank':>10} "
+        f"{'% bound':>8} {'commit ms':>10} {'ready() us':>10} {'plan ms':>8}",
     ]
     for r in rows:
         commit = f"{r['commit_ms']:10.2f}" if r["commit_ms"] is not None else f"{'':>10}"
         ready = f"{r['ready_us']:10.2f}" if r["ready_us"] is not None else f"{'':>10}"
-        lines.append(f"{r['layers']:>6}  {r['method']:<32} {r['mb_per_rank']:9.1f} "
+        prep = f"{r['prepare_ms']:8.2f}" if r["prepare_ms"] is not None else f"{'':>8}"
+        lines.append(f"{r['layers']:>6}  {r['method']:<36} {r['mb_per_rank']:9.1f} "
                      f"{r['ms']:9.2f} {r['gbps_per_rank']:10.1f} {r['pct_of_bound']:8.1f} "
-                     f"{commit} {ready}")
+                     f"{commit} {ready} {prep}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ drives real torch.distributed groups and the in-process fake cluster of
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -99,15 +99,27 @@ class StagedTransfer(Protocol):
 
 
 class WeightMover(Protocol):
+    def prepare(
+        self,
+        old_physical_to_logical: npt.NDArray[np.int64],
+        new_physical_to_logical: npt.NDArray[np.int64],
+        layers: Sequence[int],
+    ) -> Any:
+        """Pure, thread-safe precomputation for `stage` (the runtime calls it in its
+        planning thread, off the serving path). May return None."""
+        ...
+
     def stage(
         self,
         old_physical_to_logical: npt.NDArray[np.int64],
         new_physical_to_logical: npt.NDArray[np.int64],
         layers: Sequence[int],
         expert_weights: Sequence[Sequence[torch.Tensor]],
+        prepared: Any = None,
     ) -> StagedTransfer:
         """Launch the transfers of `layers` (non-blocking). All ranks call it at the
-        same agreed step with the same arguments but their own weights."""
+        same agreed step with the same arguments but their own weights; `prepared`
+        is what `prepare` returned for the same maps and layers."""
         ...
 
 

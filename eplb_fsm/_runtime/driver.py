@@ -66,6 +66,15 @@ class RebalanceFailed(RuntimeError):
         self.ranks = ranks
 
 
+@dataclass(frozen=True)
+class _Planned:
+    """What the planning thread hands back: the placement and the staging work."""
+
+    placement: Placement
+    batches: tuple[tuple[int, ...], ...]  # changed layers, `layers_per_transfer` at a time
+    prepared: tuple[Any, ...]  # the mover's precomputation for each batch
+
+
 @dataclass
 class _Job:
     """A rebalance in flight."""
@@ -77,10 +86,10 @@ class _Job:
     host_load: HostLoad | None = None
     load_round: ReadinessRound | None = None
     reduced_load: npt.NDArray[np.int64] | None = None
-    plan_future: Future[Placement] | None = None
+    plan_future: Future[_Planned] | None = None
     plan: Placement | None = None
     round: ReadinessRound | None = None
-    batches: list[tuple[int, ...]] = field(default_factory=list)
+    batches: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
     layers: tuple[int, ...] = ()
     staged: StagedTransfer | None = None
     local_error: BaseException | None = None
@@ -175,7 +184,8 @@ class ModelDriver:
             assert job.load_round is not None
             values = await wait_round(job.load_round, self.config.peer_timeout_s)
             job.reduced_load = values.reshape(self.placement.num_layers, -1)
-            job.plan_future = self._executor.submit(self._plan, job.reduced_load)
+            job.plan_future = self._executor.submit(self._plan, job.reduced_load,
+                                                    self._p2l.copy())
             job.phase, job.due = "plan_round", step + lag
             job.round = None
         elif job.phase == "plan_round":
@@ -208,9 +218,17 @@ class ModelDriver:
 
     # -- planning -----------------------------------------------------------------------
 
-    def _plan(self, load: npt.NDArray[np.int64]) -> Placement:
-        return plan(load, self.placement.num_physical, self._num_groups, self.config.num_nodes,
-                    self._world, policy=self.config.policy, old_placement=self.placement)
+    def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64]) -> _Planned:
+        """Runs in the planning thread: everything deterministic, nothing collective."""
+        new = plan(load, self.placement.num_physical, self._num_groups, self.config.num_nodes,
+                   self._world, policy=self.config.policy, old_placement=self.placement)
+        changed = [int(layer) for layer in np.flatnonzero(
+            (new.physical_to_logical != old).any(axis=1))]
+        size = self.config.layers_per_transfer
+        batches = tuple(tuple(changed[i:i + size]) for i in range(0, len(changed), size))
+        prepared = tuple(self._mover.prepare(old, new.physical_to_logical, batch)
+                         for batch in batches)
+        return _Planned(new, batches, prepared)
 
     def _plan_ready(self, job: _Job) -> bool:
         future = job.plan_future
@@ -224,24 +242,21 @@ class ModelDriver:
 
     def _agree_on_plan(self, job: _Job, step: int) -> None:
         assert job.plan_future is not None and job.reduced_load is not None
-        new = job.plan_future.result()
-        job.plan = new
+        planned = job.plan_future.result()
+        new = job.plan = planned.placement
         before = self._predicted(job.reduced_load, self.placement)
         after = self._predicted(job.reduced_load, new)
         self.stats.record_plan(before, after)
-        changed = [int(layer) for layer in np.flatnonzero(
-            (new.physical_to_logical != self._p2l).any(axis=1))]
         gain = float(after.mean() - before.mean())
-        worth = bool(changed) and gain >= self.config.min_balancedness_gain
+        worth = bool(planned.batches) and gain >= self.config.min_balancedness_gain
         self._fire("plan_agreed", step, lc.Facts(worth_moving=worth))
         if not worth:
             self.stats.dropped += 1
-            log.info("model %r step %d: plan dropped (predicted gain %.4f, %d layers changed)",
-                     self.name, step, gain, len(changed))
+            log.info("model %r step %d: plan dropped (predicted gain %.4f, %d batches changed)",
+                     self.name, step, gain, len(planned.batches))
             self._job = None
             return
-        size = self.config.layers_per_transfer
-        job.batches = [tuple(changed[i:i + size]) for i in range(0, len(changed), size)]
+        job.batches = list(zip(planned.batches, planned.prepared, strict=True))
         self._stage_next(job, step)
 
     def _predicted(self, load: npt.NDArray[np.int64], placement: Placement) -> npt.NDArray[Any]:
@@ -251,12 +266,12 @@ class ModelDriver:
 
     def _stage_next(self, job: _Job, step: int) -> None:
         assert job.plan is not None
-        job.layers = job.batches.pop(0)
+        job.layers, prepared = job.batches.pop(0)
         job.deadline = time.monotonic() + self.config.peer_timeout_s
         job.staged, job.local_error = None, None
         try:
             job.staged = self._mover.stage(self._p2l, job.plan.physical_to_logical,
-                                           job.layers, self.model.expert_weights)
+                                           job.layers, self.model.expert_weights, prepared)
         except Exception as exc:  # reported through the next round, so all ranks fail together
             job.local_error = exc
         job.phase, job.due = "transfer_launch", step + self.config.readiness_lag
@@ -382,9 +397,9 @@ class ModelDriver:
             values = await wait_round(self._allreduce.launch(local.ravel()),
                                       self.config.peer_timeout_s)
             job.reduced_load = values.reshape(self.placement.num_layers, -1)
-            future: Future[Placement] = Future()
+            future: Future[_Planned] = Future()
             try:
-                future.set_result(self._plan(job.reduced_load))
+                future.set_result(self._plan(job.reduced_load, self._p2l.copy()))
             except Exception as exc:
                 future.set_exception(exc)
             job.plan_future = future

@@ -116,6 +116,10 @@ class EplbRuntime:
         coalesce = dist.get_backend(group) == "gloo"
         mover = TransferEngine(group, device=device, node_size=config.ranks_per_node,
                                coalesce=coalesce)
+        if device.type == "cuda":
+            # NCCL builds its P2P communicators on the first batched send/receive,
+            # which takes tens of ms; pay it here, not inside a serving step.
+            mover.warm_up(device)
         self._setup(config, TorchAllReduce(cpu_group), mover, device, None, None)
 
     @classmethod

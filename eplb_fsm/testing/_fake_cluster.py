@@ -181,9 +181,14 @@ class _FakeMover:
         self._cluster = cluster
         self._rank = rank
 
+    def prepare(self, old_physical_to_logical: npt.NDArray[np.int64],
+                new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int]) -> None:
+        return None
+
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
-              expert_weights: Sequence[Sequence[torch.Tensor]]) -> _FakeStaged:
+              expert_weights: Sequence[Sequence[torch.Tensor]],
+              prepared: Any = None) -> _FakeStaged:
         peers = self._cluster._weights_of(expert_weights)
         n = len(expert_weights[0][0])
         copies, received = [], 0

@@ -5,12 +5,30 @@ validated) to a `physical_to_logical` array [L, P]. `plan()` owns all input
 checking, so a policy never sees bad input and never has to repeat a check;
 and it wraps the policy's answer in a `Placement`, whose constructor checks
 the invariants, so a buggy policy cannot hand out an inconsistent map.
+
+Policy options. A policy that takes settings registers an options checker
+with it (``register_policy(name, fn, check_options=...)``); callers pass
+``plan(..., policy_options={...})``. The checker runs inside `plan()`'s
+input checking, fills in defaults and raises `ValueError` naming the option,
+so the policy reads ``request.options`` already checked. Options are a
+mapping rather than extra `plan()` keywords so that one signature (and one
+``--option KEY=VALUE`` CLI flag) serves every policy, present and future.
+
+Placement-aware relabeling. ``plan(..., old_placement=old,
+minimize_moves=True)`` runs the chosen policy, then permutes its ranks (and
+nodes) and their slots to keep as many experts of `old` in place as possible
+(see `relabel`). Any policy works with it; load figures are unchanged. It is
+off unless asked for: `plan()` without it stays a pure function of the load,
+so ``default`` keeps matching DeepSeek's reference planner bit for bit even
+when a caller (the runtime does) always passes `old_placement`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -18,8 +36,21 @@ import numpy.typing as npt
 
 from .deepseek import rebalance_hierarchical
 from .placement import Placement
+from .relabel import relabel
 
-__all__ = ["PlanRequest", "Policy", "available_policies", "plan", "register_policy"]
+__all__ = [
+    "OptionsChecker",
+    "PlanRequest",
+    "Policy",
+    "available_policies",
+    "plan",
+    "policy_keeps_nodes",
+    "policy_needs_old_placement",
+    "register_policy",
+    "run_policy",
+]
+
+_NO_OPTIONS: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,8 @@ class PlanRequest:
     num_nodes: int
     num_ranks: int
     old_placement: Placement | None = None
+    #: The policy's options after its checker ran (defaults filled in); read-only.
+    options: Mapping[str, Any] = field(default_factory=lambda: _NO_OPTIONS)
 
     @property
     def num_layers(self) -> int:
@@ -43,23 +76,83 @@ class PlanRequest:
 
 
 Policy = Callable[[PlanRequest], Any]
+#: Validates a policy's raw options; returns them complete (defaults filled in).
+OptionsChecker = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
-_POLICIES: dict[str, Policy] = {}
+
+@dataclass(frozen=True)
+class _Entry:
+    policy: Policy
+    check_options: OptionsChecker | None
+    keeps_nodes: bool | Callable[[PlanRequest], bool]
+    needs_old_placement: bool
 
 
-def register_policy(name: str, policy: Policy, *, replace: bool = False) -> None:
-    """Make `policy` available to `plan(policy=name)` and ``eplb-fsm plan --policy``."""
+_POLICIES: dict[str, _Entry] = {}
+
+
+def register_policy(
+    name: str,
+    policy: Policy,
+    *,
+    replace: bool = False,
+    check_options: OptionsChecker | None = None,
+    keeps_nodes: bool | Callable[[PlanRequest], bool] = True,
+    needs_old_placement: bool = False,
+) -> None:
+    """Make `policy` available to `plan(policy=name)` and ``eplb-fsm plan --policy``.
+
+    - `check_options`: validates ``plan(policy_options=...)`` for this policy
+      (raise `ValueError` naming the option) and returns them with defaults
+      filled in; without one, the policy accepts no options.
+    - `keeps_nodes`: whether the policy's plans keep node structure (each node's
+      ranks hold whole expert groups), as a bool or a function of the request.
+      Placement-aware relabeling then maps nodes only to whole nodes; a policy
+      that ignores nodes lets it map any rank anywhere, which keeps more
+      experts in place. True, the safe answer, unless said otherwise.
+    - `needs_old_placement`: `plan()` rejects a call without `old_placement`.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"policy name must be a non-empty str, got {name!r}")
     if not callable(policy):
         raise ValueError(f"policy {name!r} must be callable")
+    if check_options is not None and not callable(check_options):
+        raise ValueError(f"check_options of policy {name!r} must be callable or None")
+    if not isinstance(keeps_nodes, (bool, np.bool_)) and not callable(keeps_nodes):
+        raise ValueError(f"keeps_nodes of policy {name!r} must be a bool or callable")
     if name in _POLICIES and not replace:
         raise ValueError(f"policy {name!r} is already registered (pass replace=True)")
-    _POLICIES[name] = policy
+    _POLICIES[name] = _Entry(policy, check_options, keeps_nodes, bool(needs_old_placement))
 
 
 def available_policies() -> tuple[str, ...]:
     return tuple(sorted(_POLICIES))
+
+
+def run_policy(
+    name: str, request: PlanRequest, options: Mapping[str, Any] | None = None
+) -> npt.NDArray[Any]:
+    """Run registered policy `name` on a checked `request`, as `plan()` does.
+
+    With `options` given (policies that build on another pass the other's
+    options, or ``{}`` for its defaults), they are checked for that policy
+    and replace the request's own.
+    """
+    entry = _POLICIES[name]
+    if options is not None:
+        request = dataclasses.replace(request, options=_check_options(name, entry, options))
+    return np.asarray(entry.policy(request))
+
+
+def policy_needs_old_placement(name: str) -> bool:
+    """Whether policy `name` plans from an old placement (and needs one)."""
+    return _POLICIES[name].needs_old_placement
+
+
+def policy_keeps_nodes(name: str, request: PlanRequest) -> bool:
+    """Whether policy `name`'s plan for `request` keeps node structure."""
+    keeps = _POLICIES[name].keeps_nodes
+    return bool(keeps(request) if callable(keeps) else keeps)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -103,6 +196,8 @@ def check_plan_args(
     num_ranks: Any,
     policy: Any,
     old_placement: Any,
+    minimize_moves: Any = False,
+    policy_options: Any = None,
 ) -> PlanRequest:
     """Every rule of `plan`'s input, in one place; raises `ValueError` naming the argument."""
     arr = _as_load(load)
@@ -137,7 +232,29 @@ def check_plan_args(
                 f"old_placement has shape [L={got[0]}, P={got[1]}, E={got[2]}], expected "
                 f"[L={num_layers}, P={p}, E={num_logical}] from load and num_physical_experts"
             )
-    return PlanRequest(arr, p, g, n, r, old_placement)
+    entry = _POLICIES[policy]
+    if not isinstance(minimize_moves, (bool, np.bool_)):
+        raise ValueError(f"minimize_moves must be a bool, got {minimize_moves!r}")
+    if minimize_moves and old_placement is None:
+        raise ValueError("minimize_moves=True needs old_placement (the placement to keep)")
+    if entry.needs_old_placement and old_placement is None:
+        raise ValueError(f"policy {policy!r} needs old_placement (it plans moves from it)")
+    options = _check_options(policy, entry, {} if policy_options is None else policy_options)
+    return PlanRequest(arr, p, g, n, r, old_placement, options)
+
+
+def _check_options(name: str, entry: _Entry, raw: Any) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"policy_options must be a mapping or None, got {type(raw).__name__}")
+    bad = [k for k in raw if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"policy_options keys must be str, got {bad[0]!r}")
+    if entry.check_options is not None:
+        return MappingProxyType(dict(entry.check_options(raw)))
+    if raw:
+        raise ValueError(f"policy {name!r} takes no policy_options, got "
+                         f"{', '.join(repr(k) for k in raw)}")
+    return _NO_OPTIONS
 
 
 def plan(
@@ -148,16 +265,42 @@ def plan(
     num_ranks: int = 1,
     policy: str = "default",
     old_placement: Placement | None = None,
+    *,
+    minimize_moves: bool = False,
+    policy_options: Mapping[str, Any] | None = None,
 ) -> Placement:
     """Plan a placement of `load` ([L, E], numpy or torch, any real dtype).
+
+    - `old_placement`: the placement in service now. Policies that plan moves
+      from it (``incremental``) need it; others ignore it unless
+    - `minimize_moves` is True: the policy's plan is then relabeled (ranks,
+      nodes and slots permuted, see `relabel`) to keep as many experts of
+      `old_placement` in place as possible. Same loads, same balancedness,
+      fewer moves. Off by default so that a plan depends on the load alone.
+    - `policy_options`: settings for the policy (see `available_policies` and
+      each policy's docs), checked before planning.
 
     Raises `ValueError` naming the argument and the rule before any planning.
     """
     request = check_plan_args(
-        load, num_physical_experts, num_groups, num_nodes, num_ranks, policy, old_placement
+        load, num_physical_experts, num_groups, num_nodes, num_ranks, policy, old_placement,
+        minimize_moves, policy_options,
     )
-    p2l = _POLICIES[policy](request)
+    p2l = _POLICIES[policy].policy(request)
+    if minimize_moves:
+        assert old_placement is not None  # checked above
+        nodes = request.num_nodes if policy_keeps_nodes(policy, request) else 1
+        p2l = relabel_to(p2l, old_placement, request.num_ranks, nodes)
     return Placement(p2l, request.num_logical_experts)
+
+
+def relabel_to(p2l: Any, old: Placement, num_ranks: int, num_nodes: int) -> Any:
+    """`relabel` with a shape check: a policy's output is not trusted before
+    `Placement` checks it, and relabeling must not hide a malformed map."""
+    arr = np.asarray(p2l.detach().cpu().numpy() if hasattr(p2l, "detach") else p2l)
+    if arr.shape != old.physical_to_logical.shape or not np.issubdtype(arr.dtype, np.integer):
+        return arr  # let Placement() report what is wrong with it
+    return relabel(arr, old.physical_to_logical, num_ranks, num_nodes)
 
 
 def _default_policy(req: PlanRequest) -> npt.NDArray[np.int64]:
@@ -176,5 +319,9 @@ def _global_policy(req: PlanRequest) -> npt.NDArray[np.int64]:
     return rebalance_hierarchical(weight, req.num_physical_experts, 1, 1, req.num_ranks)
 
 
-register_policy("default", _default_policy)
-register_policy("global", _global_policy)
+def _default_keeps_nodes(req: PlanRequest) -> bool:
+    return req.num_groups % req.num_nodes == 0
+
+
+register_policy("default", _default_policy, keeps_nodes=_default_keeps_nodes)
+register_policy("global", _global_policy, keeps_nodes=False)

@@ -1,18 +1,28 @@
-"""``eplb-fsm plan``: plan a placement for a recorded load and show what changes."""
+"""``eplb-fsm plan``: plan a placement for a recorded load and show what changes.
+
+``--policy`` picks any registered policy (``default``, ``global``, ``refined``,
+``incremental``, ...), ``--option KEY=VALUE`` passes its options, and with
+``--old FILE`` the plan is relabeled to keep experts where they are
+(``--no-minimize-moves`` turns that off); ``incremental`` plans its moves from
+``--old`` (or from the initial layout without it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .._core import policies as _policies  # noqa: F401  (registers refined, incremental)
 from .._core.balance import balancedness_per_layer, rank_load_from_logical
 from .._core.placement import Placement
 from .._core.planning import available_policies, plan
 from .files import read_load, read_placement, write_placement
 
-__all__ = ["add_parser", "positive_int"]
+__all__ = ["add_parser", "policy_option", "positive_int"]
 
 
 def positive_int(text: str) -> int:
@@ -23,6 +33,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def policy_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``; VALUE is read as JSON when it parses (numbers, true/false,
+    quoted strings), else taken as a plain string (``reference=refined``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-N", "--num-nodes", type=positive_int, default=1, help="nodes")
     p.add_argument("--policy", default="default",
                    help=f"planning policy (known: {', '.join(available_policies())})")
+    p.add_argument("--option", type=policy_option, action="append", default=[],
+                   metavar="KEY=VALUE", help="a policy option, repeatable (incremental: "
+                   "tolerance=0.005, reference=default, max_rounds=64; refined: rounds=48)")
     p.add_argument("--old", type=Path, help="previous placement (.npz or .json); "
                    "'before' figures and moved slots are measured against it")
+    p.add_argument("--minimize-moves", action=argparse.BooleanOptionalAction, default=None,
+                   help="relabel the plan's ranks and slots to keep experts of the old "
+                   "placement in place (default: on with --old)")
     p.add_argument("-o", "--output", type=Path, help="write the placement (.npz or .json)")
     p.set_defaults(func=_run_plan)
 
@@ -56,15 +85,20 @@ def _run_plan(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-physical-experts={args.num_physical_experts} must be >= "
                              f"the number of logical experts {num_logical}")
         old = Placement.initial(num_layers, num_logical, args.num_physical_experts)
+    minimize = args.old is not None if args.minimize_moves is None else args.minimize_moves
+    options = dict(args.option)
     new = plan(load, args.num_physical_experts, args.num_groups, args.num_nodes,
-               args.num_ranks, policy=args.policy, old_placement=old)
+               args.num_ranks, policy=args.policy, old_placement=old,
+               minimize_moves=minimize, policy_options=options)
     before = balancedness_per_layer(rank_load_from_logical(load, old, args.num_ranks))
     after = balancedness_per_layer(rank_load_from_logical(load, new, args.num_ranks))
     changed = (old.physical_to_logical != new.physical_to_logical).sum(axis=1)
     rc = new.replica_count
     print(f"plan: {num_layers} layers x {num_logical} experts -> {new.num_physical} slots on "
           f"{args.num_ranks} ranks ({args.num_nodes} nodes, {args.num_groups} groups), "
-          f"policy {args.policy!r}")
+          f"policy {args.policy!r}"
+          + (f" {options}" if options else "")
+          + f", minimize_moves {'on' if minimize else 'off'}")
     print("balancedness = mean/max of per-rank load, per layer "
           f"(before: {'--old' if args.old else 'initial layout'})")
     print(f"{'layer':>5} {'before':>8} {'after':>8} {'replicated':>10} {'max_rep':>7} "

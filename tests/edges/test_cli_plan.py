@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import eplb_fsm
 from eplb_fsm import Placement, plan
 from eplb_fsm._edges.cli import main
 from eplb_fsm._edges.files import read_load, read_placement, write_placement
@@ -98,3 +99,51 @@ def test_console_entry_point_runs() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "worst layer after" in done.stdout
+
+
+def test_policy_option_and_old_expose_incremental_and_refined(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first = tmp_path / "first.json"
+    assert main(["plan", str(EXAMPLE), *ARGS, "-o", str(first)]) == 0
+    load = read_load(EXAMPLE)
+    rng = np.random.default_rng(3)
+    drifted = load * rng.uniform(0.8, 1.25, size=load.shape)
+    drifted_path = tmp_path / "drifted.npy"
+    np.save(drifted_path, drifted)
+    out = tmp_path / "incr.npz"
+    capsys.readouterr()
+    assert main(["plan", str(drifted_path), *ARGS, "--policy", "incremental", "--old",
+                 str(first), "--option", "tolerance=0.02", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "policy 'incremental' {'tolerance': 0.02}" in text
+    old, incr = read_placement(first), read_placement(out)
+    fresh = plan(drifted, 80, 8, 2, 8)
+    rank_load = eplb_fsm.rank_load_from_logical
+    assert (eplb_fsm.balancedness(rank_load(drifted, incr, 8))
+            >= eplb_fsm.balancedness(rank_load(drifted, fresh, 8)) - 0.02)
+    assert incr.slots_changed(old) < fresh.slots_changed(old) / 2
+    assert f"slots changed: {incr.slots_changed(old)} of 640" in text
+
+    # --old turns relabeling on; --no-minimize-moves turns it off again.
+    for flags, want in (([], plan(drifted, 80, 8, 2, 8, old_placement=old, minimize_moves=True)),
+                        (["--no-minimize-moves"], fresh)):
+        assert main(["plan", str(drifted_path), *ARGS, "--old", str(first), *flags,
+                     "-o", str(out)]) == 0
+        assert read_placement(out) == want
+    assert main(["plan", str(drifted_path), *ARGS, "--policy", "refined", "--option",
+                 "rounds=5", "-o", str(out)]) == 0
+    assert read_placement(out) == plan(drifted, 80, 8, 2, 8, policy="refined",
+                                       policy_options={"rounds": 5})
+
+
+def test_bad_policy_options_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["plan", str(EXAMPLE), *ARGS, "--policy", "incremental",
+                 "--option", "tolerance=-1"]) == 2
+    err = capsys.readouterr().err
+    assert "policy_options['tolerance'] must be a finite number >= 0" in err
+    assert main(["plan", str(EXAMPLE), *ARGS, "--option", "tolerance=0.1"]) == 2
+    assert "policy 'default' takes no policy_options" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", str(EXAMPLE), *ARGS, "--option", "tolerance"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err

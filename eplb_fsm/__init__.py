@@ -21,7 +21,15 @@ from ._core.balance import (
 )
 from ._core.lifecycle import STATES, TransitionRecord, mermaid_diagram
 from ._core.placement import Placement, PlacementTensors
-from ._core.planning import PlanRequest, Policy, available_policies, plan, register_policy
+from ._core.planning import (
+    OptionsChecker,
+    PlanRequest,
+    Policy,
+    available_policies,
+    plan,
+    register_policy,
+    run_policy,
+)
 from ._runtime.config import EplbConfig
 from ._runtime.driver import RebalanceFailed
 from ._runtime.runtime import EplbRuntime
@@ -35,6 +43,7 @@ __all__ = [
     "EplbRuntime",
     "FaultHook",
     "MoEModel",
+    "OptionsChecker",
     "Placement",
     "PlacementTensors",
     "PlanRequest",
@@ -53,4 +62,5 @@ __all__ = [
     "rank_load_from_logical",
     "rank_load_from_physical",
     "register_policy",
+    "run_policy",
 ]

@@ -43,6 +43,7 @@ __all__ = [
     "PlanRequest",
     "Policy",
     "available_policies",
+    "check_policy_options",
     "plan",
     "policy_keeps_nodes",
     "policy_needs_old_placement",
@@ -142,6 +143,15 @@ def run_policy(
     if options is not None:
         request = dataclasses.replace(request, options=_check_options(name, entry, options))
     return np.asarray(entry.policy(request))
+
+
+def check_policy_options(name: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Check `options` for registered policy `name` without planning (config time)."""
+    if name not in _POLICIES:
+        raise ValueError(
+            f"policy {name!r} is unknown; known policies: {', '.join(available_policies())}"
+        )
+    return _check_options(name, _POLICIES[name], {} if options is None else options)
 
 
 def policy_needs_old_placement(name: str) -> bool:

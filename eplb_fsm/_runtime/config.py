@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = ["EplbConfig"]
 
@@ -30,6 +31,11 @@ class EplbConfig:
     - ``on_failure``: ``"raise"`` raises `RebalanceFailed` from ``step()``;
       ``"absorb"`` logs it, counts it and carries on serving.
     - ``ranks_per_node``: lets the transfer prefer a same-node source.
+    - ``minimize_moves``: relabel each plan's ranks and slots to keep experts
+      where they are (same balancedness, far fewer bytes moved; see
+      `eplb_fsm.plan`). On by default: a server wants the cheapest rebalance.
+    - ``policy_options``: settings for the policy (e.g. ``{"tolerance": 0.01}``
+      for ``incremental``), checked when the runtime is created.
     """
 
     window_size: int = 1000
@@ -47,6 +53,8 @@ class EplbConfig:
     peer_timeout_s: float = 60.0
     on_failure: Literal["raise", "absorb"] = "raise"
     ranks_per_node: int | None = None
+    minimize_moves: bool = True
+    policy_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         positive = ("window_size", "step_interval", "log_balancedness_interval",
@@ -66,7 +74,10 @@ class EplbConfig:
                 or self.num_redundant_experts < 0):
             raise ValueError("EplbConfig.num_redundant_experts must be an int >= 0, got "
                              f"{self.num_redundant_experts!r}")
-        for name in ("log_balancedness", "use_async"):
+        if self.policy_options is not None and not isinstance(self.policy_options, Mapping):
+            raise ValueError("EplbConfig.policy_options must be a mapping or None, got "
+                             f"{type(self.policy_options).__name__}")
+        for name in ("log_balancedness", "use_async", "minimize_moves"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EplbConfig.{name} must be a bool")
         if not isinstance(self.policy, str) or not self.policy:

@@ -45,7 +45,7 @@ from .._core.placement import Placement
 from .._core.planning import plan
 from .config import EplbConfig
 from .load_window import HostLoad, LoadWindow
-from .rounds import RoundOutcome, encode_flags, wait_round
+from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
 from .stats import ModelStats
 
 __all__ = ["ModelDriver", "RebalanceFailed"]
@@ -221,7 +221,9 @@ class ModelDriver:
     def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64]) -> _Planned:
         """Runs in the planning thread: everything deterministic, nothing collective."""
         new = plan(load, self.placement.num_physical, self._num_groups, self.config.num_nodes,
-                   self._world, policy=self.config.policy, old_placement=self.placement)
+                   self._world, policy=self.config.policy, old_placement=self.placement,
+                   minimize_moves=self.config.minimize_moves,
+                   policy_options=self.config.policy_options)
         changed = [int(layer) for layer in np.flatnonzero(
             (new.physical_to_logical != old).any(axis=1))]
         size = self.config.layers_per_transfer
@@ -428,12 +430,10 @@ class ModelDriver:
                 raise
 
     async def _until(self, condition: Callable[[], bool], job: _Job) -> None:
-        import anyio
-
         while not condition():
             if time.monotonic() > job.deadline:
                 return  # the round reports timed_out; every rank fails together
-            await anyio.sleep(0.0002)
+            await pause(POLL_S)
 
     # -- balancedness logging -----------------------------------------------------------
 

@@ -14,6 +14,9 @@ ranks that were late or broken, not just how many.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -22,7 +25,14 @@ import numpy.typing as npt
 
 from .._adapters.interfaces import ReadinessRound
 
-__all__ = ["PeerTimeout", "RoundOutcome", "encode_flags", "wait_round"]
+__all__ = [
+    "PeerTimeout",
+    "RoundOutcome",
+    "deferred_cancellation",
+    "encode_flags",
+    "pause",
+    "wait_round",
+]
 
 POLL_S = 0.0002
 
@@ -62,6 +72,47 @@ class PeerTimeout(TimeoutError):
     pass
 
 
+# Cancellation that arrives while a step waits is held here until the step is done.
+_deferred: ContextVar[list[BaseException] | None] = ContextVar("eplb_deferred", default=None)
+
+
+@contextmanager
+def deferred_cancellation() -> Iterator[list[BaseException]]:
+    """Hold cancellations raised inside `pause` until the block ends; the caller
+    re-raises the first one.
+
+    Why: a step's agreed work (read a round, commit a layer, launch the next
+    transfer) must happen at that step on every rank. If a cancelled rank
+    dropped it, it would act one step later than its peers and route one pass
+    with different maps. So a step, once started, finishes — every wait in it
+    is bounded by ``peer_timeout_s`` — and only then does the cancellation
+    take effect. Works for plain ``task.cancel()`` (edge-triggered) and anyio
+    cancel scopes (level-triggered; anyio's shielding does not cover the
+    former, which is why this does not rely on it).
+    """
+    held: list[BaseException] = []
+    token = _deferred.set(held)
+    try:
+        yield held
+    finally:
+        _deferred.reset(token)
+
+
+async def pause(seconds: float) -> None:
+    """Sleep, yielding to the event loop; cancellation is deferred (see above)."""
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class() as exc:
+        held = _deferred.get()
+        if held is None:
+            raise
+        if not held:
+            held.append(exc)
+        # A cancelled anyio scope raises at every await from now on; wait
+        # without the event loop so the poll keeps its pace.
+        time.sleep(seconds)
+
+
 async def wait_round(round_: ReadinessRound, timeout_s: float) -> npt.NDArray[np.int64]:
     """The round's result, yielding to the event loop while it is not done.
 
@@ -74,5 +125,5 @@ async def wait_round(round_: ReadinessRound, timeout_s: float) -> npt.NDArray[np
         while not round_.done():
             if time.monotonic() > deadline:
                 raise PeerTimeout(f"no answer from every peer within {timeout_s:g} s")
-            await anyio.sleep(POLL_S)
+            await pause(POLL_S)
     return round_.result(timeout=timeout_s)

@@ -20,9 +20,10 @@ import torch
 from .._adapters.interfaces import AllReduce, FaultHook, MoEModel, WeightMover
 from .._core.lifecycle import TransitionRecord
 from .._core.placement import Placement
-from .._core.planning import available_policies
+from .._core.planning import available_policies, check_policy_options
 from .config import EplbConfig
 from .driver import ModelDriver, RebalanceFailed
+from .rounds import deferred_cancellation
 
 __all__ = ["EplbRuntime"]
 
@@ -144,6 +145,10 @@ class EplbRuntime:
         if config.policy not in available_policies():
             raise ValueError(f"EplbConfig.policy {config.policy!r} is unknown; known policies: "
                              f"{', '.join(available_policies())}")
+        try:
+            check_policy_options(config.policy, config.policy_options)
+        except ValueError as exc:
+            raise ValueError(f"EplbConfig.policy_options: {exc}") from exc
         self.config = config
         self._allreduce = allreduce
         self._mover = mover
@@ -193,17 +198,25 @@ class EplbRuntime:
         so the engine's memory profiling sees them; does not count as a step.
         Raises `RebalanceFailed` (with ``on_failure="raise"``) after every model
         has taken this step, so models stay in step with each other.
+
+        Cancelling the task that awaits it is safe: a step that has started
+        finishes its agreed work first (its waits are bounded by
+        ``peer_timeout_s``), then the cancellation is raised, and the next
+        call goes on from a consistent state.
         """
         if is_profile:
             self.profile()
             return
         self._step += 1
         errors: list[RebalanceFailed] = []
-        for driver in self._drivers.values():
-            try:
-                await driver.step(self._step, is_dummy)
-            except RebalanceFailed as exc:
-                errors.append(exc)
+        with deferred_cancellation() as cancelled:
+            for driver in self._drivers.values():
+                try:
+                    await driver.step(self._step, is_dummy)
+                except RebalanceFailed as exc:
+                    errors.append(exc)
+        if cancelled:
+            raise cancelled[0]
         if errors:
             raise errors[0]
 
@@ -215,8 +228,11 @@ class EplbRuntime:
 
     async def rearrange_async(self) -> None:
         """A full rebalance of every model inside this call (all ranks call it together)."""
-        for driver in self._drivers.values():
-            await driver.rearrange_now(self._step)
+        with deferred_cancellation() as cancelled:
+            for driver in self._drivers.values():
+                await driver.rearrange_now(self._step)
+        if cancelled:
+            raise cancelled[0]
 
     def rearrange(self) -> None:
         """Blocking full rebalance now, the synchronous path; all ranks call it together."""

@@ -101,6 +101,7 @@ class _Ledger:
         self.sums: list[npt.NDArray[np.int64]] = []
         self.counts: list[int] = []
         self.silent: set[int] = set()
+        self.paused = False
 
 
 class _FakeRound:
@@ -109,7 +110,8 @@ class _FakeRound:
         self._index = index
 
     def done(self) -> bool:
-        return self._ledger.counts[self._index] == self._ledger.num_ranks
+        ledger = self._ledger
+        return not ledger.paused and ledger.counts[self._index] == ledger.num_ranks
 
     def result(self, timeout: float | None = None) -> npt.NDArray[np.int64]:
         if not self.done():
@@ -304,6 +306,13 @@ class FakeCluster:
     def silence(self, rank: int) -> None:
         """`rank`'s contributions are dropped: its peers' rounds never complete."""
         self._ledger.silent.add(rank)
+
+    def pause_rounds(self) -> None:
+        """Hold every round's completion (a slow network): steps that read one wait."""
+        self._ledger.paused = True
+
+    def resume_rounds(self) -> None:
+        self._ledger.paused = False
 
     def heal(self, rank: int) -> None:
         self._faults[rank] = _Faults()

@@ -1,0 +1,76 @@
+"""Bad configuration and mismatched models are refused before anything changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eplb_fsm import EplbConfig, EplbRuntime
+from eplb_fsm.testing import FakeCluster, TaggedMoEModel
+
+
+@pytest.mark.parametrize(("field", "value", "match"), [
+    ("window_size", 0, "window_size must be a positive int"),
+    ("step_interval", 2.5, "step_interval must be a positive int"),
+    ("num_redundant_experts", -1, "num_redundant_experts must be an int >= 0"),
+    ("use_async", "yes", "use_async must be a bool"),
+    ("readiness_lag", True, "readiness_lag must be a positive int"),
+    ("peer_timeout_s", 0, "peer_timeout_s must be > 0"),
+    ("on_failure", "ignore", "on_failure must be 'raise' or 'absorb'"),
+    ("min_balancedness_gain", 2.0, r"min_balancedness_gain must be a number in \[-1, 1\]"),
+    ("num_groups", 0, "num_groups must be a positive int or None"),
+    ("policy_options", [1], "policy_options must be a mapping or None"),
+])
+def test_config_fields_are_checked(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EplbConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_unknown_policy_and_options_are_refused_at_runtime_creation() -> None:
+    with pytest.raises(ValueError, match="policy 'nope' is unknown; known policies: default"):
+        FakeCluster(2, EplbConfig(policy="nope"))
+    with pytest.raises(ValueError, match="EplbConfig.policy_options"):
+        FakeCluster(2, EplbConfig(policy="default", policy_options={"tolerance": 0.1}))
+    FakeCluster(2, EplbConfig(policy="incremental", policy_options={"tolerance": 0.01}))
+
+
+def test_runtime_needs_torch_distributed() -> None:
+    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+        EplbRuntime(EplbConfig())
+
+
+class _Broken(TaggedMoEModel):
+    pass
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (lambda m: setattr(m, "num_redundant_experts", 2),
+     "num_physical_experts=16 must equal num_logical_experts"),
+    (lambda m: setattr(m, "num_local_physical_experts", 3),
+     "num_local_physical_experts=3 x 2 ranks"),
+    (lambda m: m.expert_weights.pop(), "expert_weights has 1 layers"),
+    (lambda m: m.expert_weights[0].__setitem__(0, torch.zeros(5, 4)),
+     r"expert_weights\[0\]\[0\] must be a tensor whose first dim"),
+    (lambda m: setattr(m, "num_moe_layers", "2"), "num_moe_layers must be an int"),
+    (lambda m: delattr(m, "expert_weights"), "model lacks 'expert_weights'"),
+])
+def test_models_that_disagree_with_the_config_are_refused(mutate, match: str) -> None:  # type: ignore[no-untyped-def]
+    cluster = FakeCluster(2, EplbConfig(num_redundant_experts=4))
+    model = _Broken(0, 2, 2, 12, 4)
+    mutate(model)
+    with pytest.raises(ValueError, match=match):
+        cluster.runtimes[0].add_model(model, "main")
+    assert cluster.runtimes[0].models == ()
+
+
+def test_redundant_count_must_match_the_config() -> None:
+    cluster = FakeCluster(2, EplbConfig(num_redundant_experts=2))
+    with pytest.raises(ValueError, match="EplbConfig.num_redundant_experts=2 disagrees"):
+        cluster.runtimes[0].add_model(TaggedMoEModel(0, 2, 2, 12, 4), "main")
+
+
+def test_duplicate_names_are_refused() -> None:
+    cluster = FakeCluster(2, EplbConfig(num_redundant_experts=4))
+    cluster.add_model("main", num_layers=2, num_logical=12)
+    with pytest.raises(ValueError, match="already added"):
+        cluster.runtimes[0].add_model(TaggedMoEModel(0, 2, 2, 12, 4), "main")

@@ -27,15 +27,15 @@ def test_config_fields_are_checked(field: str, value: object, match: str) -> Non
 
 
 def test_unknown_policy_and_options_are_refused_at_runtime_creation() -> None:
-    with pytest.raises(ValueError, match="policy 'nope' is unknown; known policies: default"):
+    with pytest.raises(ValueError, match=r"policy 'nope' is unknown; known policies: default"):
         FakeCluster(2, EplbConfig(policy="nope"))
-    with pytest.raises(ValueError, match="EplbConfig.policy_options"):
+    with pytest.raises(ValueError, match=r"EplbConfig\.policy_options"):
         FakeCluster(2, EplbConfig(policy="default", policy_options={"tolerance": 0.1}))
     FakeCluster(2, EplbConfig(policy="incremental", policy_options={"tolerance": 0.01}))
 
 
 def test_runtime_needs_torch_distributed() -> None:
-    with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+    with pytest.raises(ValueError, match=r"needs torch\.distributed initialised"):
         EplbRuntime(EplbConfig())
 
 
@@ -65,7 +65,7 @@ def test_models_that_disagree_with_the_config_are_refused(mutate, match: str) ->
 
 def test_redundant_count_must_match_the_config() -> None:
     cluster = FakeCluster(2, EplbConfig(num_redundant_experts=2))
-    with pytest.raises(ValueError, match="EplbConfig.num_redundant_experts=2 disagrees"):
+    with pytest.raises(ValueError, match=r"EplbConfig\.num_redundant_experts=2 disagrees"):
         cluster.runtimes[0].add_model(TaggedMoEModel(0, 2, 2, 12, 4), "main")
 
 

@@ -32,6 +32,7 @@ from ._core.planning import (
 )
 from ._runtime.config import EplbConfig
 from ._runtime.driver import RebalanceFailed
+from ._runtime.hooks import LifecycleEvent
 from ._runtime.runtime import EplbRuntime
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "EplbConfig",
     "EplbRuntime",
     "FaultHook",
+    "LifecycleEvent",
     "MoEModel",
     "OptionsChecker",
     "Placement",

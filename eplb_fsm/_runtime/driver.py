@@ -44,6 +44,7 @@ from .._core.balance import balancedness_per_layer, rank_load_from_logical
 from .._core.placement import Placement
 from .._core.planning import plan
 from .config import EplbConfig
+from .hooks import Hooks, LifecycleEvent
 from .load_window import HostLoad, LoadWindow
 from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
 from .stats import ModelStats
@@ -98,7 +99,8 @@ class _Job:
 class ModelDriver:
     def __init__(self, name: str, model: MoEModel, placement: Placement, config: EplbConfig,
                  *, num_groups: int, allreduce: AllReduce, mover: WeightMover,
-                 device: torch.device, executor: Executor, faults: FaultHook | None) -> None:
+                 device: torch.device, executor: Executor, faults: FaultHook | None,
+                 hooks: Hooks | None = None) -> None:
         self.name = name
         self.model = model
         self.config = config
@@ -107,6 +109,7 @@ class ModelDriver:
         self._mover = mover
         self._executor = executor
         self._faults = faults
+        self._hooks = hooks or Hooks()
         self._rank = allreduce.rank
         self._world = allreduce.world_size
         self.placement = placement
@@ -257,6 +260,7 @@ class ModelDriver:
             log.info("model %r step %d: plan dropped (predicted gain %.4f, %d batches changed)",
                      self.name, step, gain, len(planned.batches))
             self._job = None
+            self._emit("rebalance", step, "dropped")
             return
         job.batches = list(zip(planned.batches, planned.prepared, strict=True))
         self._stage_next(job, step)
@@ -303,12 +307,14 @@ class ModelDriver:
         self.stats.layers_committed += len(layers)
         job.staged = None
         done = not job.batches
+        self._emit("commit", step, "layers_committed", layers=tuple(layers))
         self._fire("layers_committed", step, lc.Facts(all_layers_done=done))
         if done:
             self.stats.done += 1
             self._job = None
             log.info("model %r step %d: rebalance done in %d steps", self.name, step,
                      step - job.started_step)
+            self._emit("rebalance", step, "done")
         else:
             self._stage_next(job, step)
 
@@ -357,6 +363,7 @@ class ModelDriver:
             self._fire("fail", step)
         self.stats.failed += 1
         self.stats.last_error = message
+        self._emit("failure", step, "fail", layers=layers, error=message)
         log.error("%s (step %d; committed layers stay committed, the rest keep their old "
                   "placement)", message, step)
         if self.config.on_failure == "raise":
@@ -380,6 +387,13 @@ class ModelDriver:
         self.stats.add_time(source, step - entered_step, now - entered_at)
         self._entered = (step, now)
         log.debug("model %r step %d: %s -> %s (%s)", self.name, step, source, dest, trigger)
+        self._hooks.emit(LifecycleEvent("transition", self.name, step, source, dest, trigger))
+
+    def _emit(self, kind: str, step: int, trigger: str, *, layers: tuple[int, ...] = (),
+              error: str | None = None) -> None:
+        state = self.state
+        self._hooks.emit(LifecycleEvent(kind, self.name, step, state, state, trigger,
+                                        layers, error))
 
     # -- the synchronous path -----------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +23,7 @@ from .._core.placement import Placement
 from .._core.planning import available_policies, check_policy_options
 from .config import EplbConfig
 from .driver import ModelDriver, RebalanceFailed
+from .hooks import Hooks, LifecycleEvent
 from .rounds import deferred_cancellation
 
 __all__ = ["EplbRuntime"]
@@ -155,6 +156,7 @@ class EplbRuntime:
         self._device = device
         self._faults = faults
         self._drivers: dict[str, ModelDriver] = {}
+        self._hooks = Hooks()
         self._step = 0
         # One worker: plans are rare, and one at a time keeps memory flat.
         self._executor = planner or ThreadPoolExecutor(max_workers=1,
@@ -186,7 +188,14 @@ class EplbRuntime:
         self._drivers[name] = ModelDriver(
             name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
             mover=self._mover, device=self._device, executor=self._executor,
-            faults=self._faults)
+            faults=self._faults, hooks=self._hooks)
+
+    def on(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
+        """Call `callback(event)` on every lifecycle event of `kind` ("transition",
+        "commit", "failure", "rebalance"), sync or async. Callbacks run off the
+        step (a worker thread, or a task); a slow or failing one cannot stall or
+        break the lifecycle (see `eplb_fsm._runtime.hooks`)."""
+        self._hooks.add(kind, callback)
 
     # -- the hook -----------------------------------------------------------------------
 
@@ -270,6 +279,7 @@ class EplbRuntime:
 
     def stats(self) -> dict[str, Any]:
         return {"step": self._step,
+                "hooks": {"delivered": self._hooks.delivered, "errors": self._hooks.errors},
                 "models": {name: {"phase": d.state, **d.stats.as_dict()}
                            for name, d in self._drivers.items()}}
 
@@ -278,3 +288,4 @@ class EplbRuntime:
         for driver in self._drivers.values():
             driver.abort(self._step, "runtime closed")
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._hooks.close()

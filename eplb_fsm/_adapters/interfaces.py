@@ -157,3 +157,7 @@ class FaultHook(Protocol):
     ) -> bool:
         """The readiness flag to report, given the true one."""
         ...
+
+    def inject(self, model: str, point: str, step: int, layers: tuple[int, ...]) -> None:
+        """Called at each injection point ("plan", "stage", "commit"); may raise."""
+        ...

@@ -68,12 +68,15 @@ def run_ranks(
     *args: Any,
     timeout: float = 120.0,
     backend: str = "gloo",
+    may_die: Sequence[int] = (),
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
 
     `fn` and `args` must be picklable (a module-level function). Returns the
     ranks' return values in rank order; raises `RankFailed` if any rank
     raises, exits without a result, or the run outlasts `timeout` seconds.
+    Ranks in `may_die` (fault-injection tests) may exit without a result;
+    their value is None.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -89,8 +92,9 @@ def run_ranks(
         proc.start()
     deadline = time.monotonic() + timeout
     values: dict[int, Any] = {}
+    expected = set(range(world_size))
     try:
-        while len(values) < world_size:
+        while not expected <= values.keys():
             try:
                 rank, ok, value = results.get(timeout=0.2)
             except queue.Empty:
@@ -105,6 +109,9 @@ def run_ranks(
                             raise RankFailed(f"rank {rank} raised:\n{value}") from None
                         values[rank] = value
                     dead = [r for r in dead if r not in values]
+                    for r in [r for r in dead if r in may_die]:
+                        values[r] = None
+                        dead.remove(r)
                     if dead:
                         codes = {r: procs[r].exitcode for r in dead}
                         raise RankFailed(f"rank(s) {dead} exited without a result "

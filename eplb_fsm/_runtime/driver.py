@@ -39,6 +39,7 @@ from .._adapters.interfaces import (
     StagedTransfer,
     WeightMover,
 )
+from .._adapters.liveness import Heartbeat
 from .._core import lifecycle as lc
 from .._core.balance import balancedness_per_layer, rank_load_from_logical
 from .._core.placement import Placement
@@ -94,13 +95,14 @@ class _Job:
     layers: tuple[int, ...] = ()
     staged: StagedTransfer | None = None
     local_error: BaseException | None = None
+    fatal_error: BaseException | None = None  # survives batches: reported every round
 
 
 class ModelDriver:
     def __init__(self, name: str, model: MoEModel, placement: Placement, config: EplbConfig,
                  *, num_groups: int, allreduce: AllReduce, mover: WeightMover,
                  device: torch.device, executor: Executor, faults: FaultHook | None,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks | None = None, liveness: Heartbeat | None = None) -> None:
         self.name = name
         self.model = model
         self.config = config
@@ -110,6 +112,7 @@ class ModelDriver:
         self._executor = executor
         self._faults = faults
         self._hooks = hooks or Hooks()
+        self._liveness = liveness
         self._rank = allreduce.rank
         self._world = allreduce.world_size
         self.placement = placement
@@ -166,8 +169,7 @@ class ModelDriver:
         except RebalanceFailed:
             raise
         except Exception as exc:  # a collective broke or a peer never answered
-            self._fail(step, f"model {self.name!r}: {self._where(job)} failed on rank "
-                       f"{self._rank}: {type(exc).__name__}: {exc}", cause=exc)
+            self._fail_locally(job, step, exc)
 
     def _begin(self, step: int) -> None:
         lag = self.config.readiness_lag
@@ -188,7 +190,7 @@ class ModelDriver:
             values = await wait_round(job.load_round, self.config.peer_timeout_s)
             job.reduced_load = values.reshape(self.placement.num_layers, -1)
             job.plan_future = self._executor.submit(self._plan, job.reduced_load,
-                                                    self._p2l.copy())
+                                                    self._p2l.copy(), step)
             job.phase, job.due = "plan_round", step + lag
             job.round = None
         elif job.phase == "plan_round":
@@ -221,8 +223,11 @@ class ModelDriver:
 
     # -- planning -----------------------------------------------------------------------
 
-    def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64]) -> _Planned:
+    def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64],
+              step: int) -> _Planned:
         """Runs in the planning thread: everything deterministic, nothing collective."""
+        if self._faults is not None:
+            self._faults.inject(self.name, "plan", step, ())
         new = plan(load, self.placement.num_physical, self._num_groups, self.config.num_nodes,
                    self._world, policy=self.config.policy, old_placement=self.placement,
                    minimize_moves=self.config.minimize_moves,
@@ -276,6 +281,8 @@ class ModelDriver:
         job.deadline = time.monotonic() + self.config.peer_timeout_s
         job.staged, job.local_error = None, None
         try:
+            if self._faults is not None:
+                self._faults.inject(self.name, "stage", step, job.layers)
             job.staged = self._mover.stage(self._p2l, job.plan.physical_to_logical,
                                            job.layers, self.model.expert_weights, prepared)
         except Exception as exc:  # reported through the next round, so all ranks fail together
@@ -293,9 +300,42 @@ class ModelDriver:
 
     def _commit(self, job: _Job, step: int) -> None:
         assert job.staged is not None and job.plan is not None
-        job.staged.commit()
         layers = list(job.layers)
+        try:
+            if self._faults is not None:
+                self._faults.inject(self.name, "commit", step, job.layers)
+            job.staged.commit()
+        except Exception as exc:
+            # Every peer commits these layers at this step; this rank could not.
+            # Its maps keep the old rows, its weights may be partly written. It
+            # stays in lockstep and reports the error in the next round, so all
+            # ranks leave the rebalance together; it raises now to tell its engine.
+            job.fatal_error = exc
+            layers = []
         new = job.plan
+        if layers:
+            self._commit_maps(layers, new)
+        self.stats.bytes_moved += job.staged.bytes_received
+        self.stats.layers_committed += len(layers)
+        committed = tuple(layers)
+        job.staged = None
+        done = not job.batches
+        self._emit("commit", step, "layers_committed", layers=committed)
+        self._fire("layers_committed", step, lc.Facts(all_layers_done=done))
+        error = self._commit_failure(job, step) if job.fatal_error is not None else None
+        if done:
+            self._job = None
+            if error is None:
+                self.stats.done += 1
+                log.info("model %r step %d: rebalance done in %d steps", self.name, step,
+                         step - job.started_step)
+                self._emit("rebalance", step, "done")
+        else:
+            self._stage_next(job, step)
+        if error is not None and self.config.on_failure == "raise":
+            raise error
+
+    def _commit_maps(self, layers: list[int], new: Placement) -> None:
         self._p2l[layers] = new.physical_to_logical[layers]
         self._l2p[layers] = torch.from_numpy(
             np.ascontiguousarray(new.logical_to_physical[layers])).to(self._l2p.device)
@@ -303,20 +343,20 @@ class ModelDriver:
             np.ascontiguousarray(new.replica_count[layers])).to(self._rc.device)
         self.placement = Placement(self._p2l, new.num_logical)
         self._window.set_map(self._p2l)
-        self.stats.bytes_moved += job.staged.bytes_received
-        self.stats.layers_committed += len(layers)
-        job.staged = None
-        done = not job.batches
-        self._emit("commit", step, "layers_committed", layers=tuple(layers))
-        self._fire("layers_committed", step, lc.Facts(all_layers_done=done))
-        if done:
-            self.stats.done += 1
-            self._job = None
-            log.info("model %r step %d: rebalance done in %d steps", self.name, step,
-                     step - job.started_step)
-            self._emit("rebalance", step, "done")
-        else:
-            self._stage_next(job, step)
+
+    def _commit_failure(self, job: _Job, step: int) -> RebalanceFailed:
+        exc = job.fatal_error
+        message = (f"model {self.name!r}: commit of layer(s) {list(job.layers)} failed on rank "
+                   f"{self._rank} after every rank agreed; this rank kept its old maps for "
+                   f"them and its weights may be partly written ({type(exc).__name__}: {exc})")
+        self.stats.failed += 1
+        self.stats.last_error = message
+        self._emit("failure", step, "commit_failed", layers=job.layers, error=message)
+        log.error("%s (step %d)", message, step)
+        error = RebalanceFailed(message, model=self.name, layers=job.layers,
+                                ranks=(self._rank,))
+        error.__cause__ = exc
+        return error
 
     # -- rounds and failure -------------------------------------------------------------
 
@@ -324,7 +364,7 @@ class ModelDriver:
         if self._faults is not None:
             ready = self._faults.report_ready(self.name, phase, job.layers, step, ready)
         flags = encode_flags(self._rank, self._world, ready=ready,
-                             errored=job.local_error is not None,
+                             errored=job.local_error is not None or job.fatal_error is not None,
                              timed_out=time.monotonic() > job.deadline)
         return self._allreduce.launch(flags)
 
@@ -338,7 +378,7 @@ class ModelDriver:
             return False
         where = self._where(job)
         if outcome.errored_ranks:
-            cause = job.local_error
+            cause = job.fatal_error or job.local_error
             detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
             self._fail(step, f"model {self.name!r}: {where} failed: rank(s) "
                        f"{list(outcome.errored_ranks)} reported an error{detail}",
@@ -348,6 +388,22 @@ class ModelDriver:
                        f"{self.config.peer_timeout_s:g} s waiting for rank(s) "
                        f"{list(outcome.not_ready_ranks)}", ranks=outcome.not_ready_ranks)
         return True
+
+    def _fail_locally(self, job: _Job, step: int, exc: BaseException) -> None:
+        """A collective broke or never answered: no agreement is possible any more.
+
+        The heartbeats name the peers that went quiet (a died or wedged rank).
+        """
+        silent = self._liveness.silent_ranks() if self._liveness is not None else None
+        if silent:
+            who = f"; rank(s) {list(silent)} stopped answering (no heartbeat)"
+        elif silent is None and self._liveness is not None:
+            who = "; the store host (rank 0) is unreachable, so it may be the missing rank"
+        else:
+            who = ""
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+        self._fail(step, f"model {self.name!r}: {self._where(job)} failed on rank "
+                   f"{self._rank}{who} ({detail})", cause=exc, ranks=tuple(silent or ()))
 
     def _where(self, job: _Job) -> str:
         return f"layer(s) {list(job.layers)}" if job.layers else "planning"
@@ -415,7 +471,7 @@ class ModelDriver:
             job.reduced_load = values.reshape(self.placement.num_layers, -1)
             future: Future[_Planned] = Future()
             try:
-                future.set_result(self._plan(job.reduced_load, self._p2l.copy()))
+                future.set_result(self._plan(job.reduced_load, self._p2l.copy(), step))
             except Exception as exc:
                 future.set_exception(exc)
             job.plan_future = future

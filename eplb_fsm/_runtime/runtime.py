@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._adapters.interfaces import AllReduce, FaultHook, MoEModel, WeightMover
+from .._adapters.liveness import Heartbeat
 from .._core.lifecycle import TransitionRecord
 from .._core.placement import Placement
 from .._core.planning import available_policies, check_policy_options
@@ -93,6 +94,8 @@ class EplbRuntime:
     and `eplb_fsm.testing.FakeCluster`.
     """
 
+    _liveness: Heartbeat | None
+
     def __init__(self, config: EplbConfig, group: Any = None, cpu_group: Any = None,
                  device: torch.device | str | None = None) -> None:
         import torch.distributed as dist
@@ -123,6 +126,8 @@ class EplbRuntime:
             # which takes tens of ms; pay it here, not inside a serving step.
             mover.warm_up(device)
         self._setup(config, TorchAllReduce(cpu_group), mover, device, None, None)
+        self._liveness = Heartbeat.for_default_group(dist.get_rank(group),
+                                                     dist.get_world_size(group))
 
     @classmethod
     def from_adapters(cls, config: EplbConfig, *, allreduce: AllReduce, mover: WeightMover,
@@ -157,6 +162,7 @@ class EplbRuntime:
         self._faults = faults
         self._drivers: dict[str, ModelDriver] = {}
         self._hooks = Hooks()
+        self._liveness = None
         self._step = 0
         # One worker: plans are rare, and one at a time keeps memory flat.
         self._executor = planner or ThreadPoolExecutor(max_workers=1,
@@ -188,7 +194,7 @@ class EplbRuntime:
         self._drivers[name] = ModelDriver(
             name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
             mover=self._mover, device=self._device, executor=self._executor,
-            faults=self._faults, hooks=self._hooks)
+            faults=self._faults, hooks=self._hooks, liveness=self._liveness)
 
     def on(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
         """Call `callback(event)` on every lifecycle event of `kind` ("transition",
@@ -289,3 +295,5 @@ class EplbRuntime:
             driver.abort(self._step, "runtime closed")
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._hooks.close()
+        if self._liveness is not None:
+            self._liveness.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ import torch
 from .._core.lifecycle import TransitionRecord
 from .._runtime.config import EplbConfig
 from .._runtime.runtime import EplbRuntime
+from ._faults import Faults, inject_faults
 
 __all__ = ["FakeCluster", "TaggedMoEModel"]
 
@@ -210,27 +210,6 @@ class _FakeMover:
         return _FakeStaged(tuple(int(x) for x in layers), expert_weights, copies, received)
 
 
-@dataclass
-class _Faults:
-    delay: dict[str, int] = field(default_factory=dict)  # phase ("*" = any) -> steps
-    never_ready: bool = False
-    first_ready: dict[tuple[str, str, tuple[int, ...]], int] = field(default_factory=dict)
-
-    def report_ready(self, model: str, phase: str, layers: tuple[int, ...], step: int,
-                     ready: bool) -> bool:
-        if self.never_ready:
-            return False
-        steps = self.delay.get(phase, self.delay.get("*", 0))
-        if not ready or steps == 0:
-            return ready
-        key = (model, phase, layers)
-        first = self.first_ready.setdefault(key, step)
-        if step - first >= steps:
-            del self.first_ready[key]
-            return True
-        return False
-
-
 class _InlineExecutor(Executor):
     """Runs each task at submit: a rank has its plan at the step planning starts."""
 
@@ -261,7 +240,7 @@ class FakeCluster:
         self.num_ranks = num_ranks
         self.config = config
         self._ledger = _Ledger(num_ranks)
-        self._faults = [_Faults() for _ in range(num_ranks)]
+        self._faults = [Faults() for _ in range(num_ranks)]
         self.runtimes = [
             EplbRuntime.from_adapters(config, allreduce=_FakeAllReduce(self._ledger, r),
                                       mover=_FakeMover(self, r), faults=self._faults[r],
@@ -314,11 +293,14 @@ class FakeCluster:
     def resume_rounds(self) -> None:
         self._ledger.paused = False
 
+    def raise_in(self, rank: int, point: str, error: BaseException) -> None:
+        """Raise `error` on `rank` at `point`: "plan" (in the planning thread),
+        "stage" (launching a transfer) or "commit"."""
+        self._faults[rank].fail_at[point] = error
+
     def heal(self, rank: int) -> None:
-        self._faults[rank] = _Faults()
-        self.runtimes[rank]._faults = self._faults[rank]
-        for driver in self.runtimes[rank]._drivers.values():
-            driver._faults = self._faults[rank]
+        self._faults[rank] = Faults()
+        inject_faults(self.runtimes[rank], self._faults[rank])
         self._ledger.silent.discard(rank)
 
     # -- driving ------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Which peers are still alive: heartbeats in the torch.distributed store.
+
+A gloo collective whose peer died fails with "connection closed by peer
+[address]", and one whose peer hangs just never completes: neither names
+the rank. So each runtime's background thread writes a timestamp to the
+process group's key-value store every `interval` seconds, and when a
+rebalance fails on a broken or silent collective, the survivors read the
+stamps and name the ranks that went quiet. It costs one small store write
+per interval per rank, nothing per step.
+
+The store is hosted by one process (rank 0 for the usual TCPStore); if that
+process is the one that died, nothing can be read and the error says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+__all__ = ["Heartbeat"]
+
+PREFIX = "eplb_fsm/heartbeat/"
+
+
+class Heartbeat:
+    def __init__(self, store: Any, rank: int, world_size: int, interval: float = 0.2) -> None:
+        self._store = store
+        self._rank = rank
+        self._world = world_size
+        self._interval = interval
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="eplb-heartbeat", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def for_default_group(cls, rank: int, world_size: int) -> Heartbeat | None:
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            return cls(_get_default_store(), rank, world_size)
+        except Exception:  # no store (custom init): failures just won't name ranks
+            return None
+
+    def _beat(self) -> None:
+        self._store.set(f"{PREFIX}{self._rank}", repr(time.time()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._beat()
+            except Exception:  # the store host is gone; nothing left to tell
+                return
+
+    def silent_ranks(self, wait: float = 1.5) -> tuple[int, ...] | None:
+        """Ranks whose heartbeat is older than 5 intervals (waiting up to `wait` s for
+        a recent death to show). None if the store cannot be read."""
+        stale_after = 5 * self._interval
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                now = time.time()
+                silent = tuple(r for r in range(self._world) if r != self._rank and
+                               now - float(self._store.get(f"{PREFIX}{r}")) > stale_after)
+            except Exception:
+                return None
+            if silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(self._interval)
+
+    def close(self) -> None:
+        self._stop.set()

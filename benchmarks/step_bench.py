@@ -2,9 +2,11 @@
 
 Against a baseline loop that does what vLLM's async EPLB does on every step
 while a rebalance is in flight: one blocking gloo all-reduce of an int.
-Each rank runs the same loop; a barrier outside the timed region stands in
-for the forward pass's own collectives (it keeps ranks in step, as serving
-does). Times are per step, in microseconds, over all ranks' steps.
+Each rank runs the same loop; outside the timed region a barrier and
+``--forward-ms`` of busy computation stand in for the forward pass (its
+collectives keep ranks in step, as serving does, and its compute lets the
+barrier's gloo threads go quiet before `step()` runs, as they would in
+serving). Times are per step, in microseconds, over all ranks' steps.
 
 In flight, steps are split into those that launched a collective (a load or
 readiness all-reduce) and the rest: only the former should cost more than
@@ -45,7 +47,13 @@ def _count_launches(rt: EplbRuntime) -> list[int]:
     return counter
 
 
-def _rank(rank: int, world: int, steps: int) -> dict[str, list[float]]:
+def _forward(ms: float) -> None:
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        pass
+
+
+def _rank(rank: int, world: int, steps: int, forward_ms: float) -> dict[str, list[float]]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(rank)
     loads = torch.from_numpy(rng.integers(0, 50, size=(16, L, E + REDUNDANT)))
@@ -60,6 +68,7 @@ def _rank(rank: int, world: int, steps: int) -> dict[str, list[float]]:
         for i in range(steps):
             model.expert_load_view += loads[i % len(loads)]
             dist.barrier()
+            _forward(forward_ms)
             before, was_busy = launches[0], driver.busy
             start = time.perf_counter()
             await rt.step()
@@ -83,6 +92,7 @@ def _rank(rank: int, world: int, steps: int) -> dict[str, list[float]]:
     baseline = []
     for _ in range(steps):
         dist.barrier()
+        _forward(forward_ms)
         start = time.perf_counter()
         flag = torch.ones(1, dtype=torch.int64)
         dist.all_reduce(flag, group=cpu_group)  # blocking, every step in flight
@@ -95,10 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--forward-ms", type=float, default=1.0,
+                        help="busy compute standing in for the forward pass")
     args = parser.parse_args()
     rows = []
     for world in args.ranks:
-        results = run_ranks(_rank, world, args.steps, timeout=600)
+        results = run_ranks(_rank, world, args.steps, args.forward_ms, timeout=900)
         merged: dict[str, list[float]] = {}
         for result in results:
             for key, values in result.items():
@@ -106,7 +118,8 @@ def main() -> None:
         rows.append((world, merged))
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, gloo on CPU; "
           f"model {L} layers x {E} experts + {REDUNDANT} redundant; {args.steps} steps per "
-          "loop per rank; microseconds per step over all ranks")
+          f"loop per rank, {args.forward_ms:g} ms forward; microseconds per step over all "
+          f"ranks; load average {os.getloadavg()[0]:.2f} at the end")
     head = (f"{'ranks':>5} {'loop':>28} {'steps':>6} {'p50 us':>8} {'p99 us':>9} "
             f"{'p50 vs baseline':>15}")
     print(head)

@@ -85,6 +85,8 @@ class _Job:
     deadline: float
     phase: str
     due: int
+    started_at: float = field(default_factory=time.monotonic)
+    bytes_at_start: int = 0
     host_load: HostLoad | None = None
     load_round: ReadinessRound | None = None
     reduced_load: npt.NDArray[np.int64] | None = None
@@ -174,7 +176,8 @@ class ModelDriver:
     def _begin(self, step: int) -> None:
         lag = self.config.readiness_lag
         self._job = _Job(step, time.monotonic() + self.config.peer_timeout_s, "reduce",
-                         step + lag, host_load=self._window.snapshot())
+                         step + lag, host_load=self._window.snapshot(),
+                         bytes_at_start=self.stats.bytes_moved)
         self.stats.started += 1
         self._fire("interval_reached", step)
 
@@ -262,8 +265,14 @@ class ModelDriver:
         self._fire("plan_agreed", step, lc.Facts(worth_moving=worth))
         if not worth:
             self.stats.dropped += 1
-            log.info("model %r step %d: plan dropped (predicted gain %.4f, %d batches changed)",
-                     self.name, step, gain, len(planned.batches))
+            changed = sum(len(b) for b in planned.batches)
+            reason = ("no layer changed" if not changed else
+                      f"predicted gain below min_balancedness_gain="
+                      f"{self.config.min_balancedness_gain:g}")
+            log.info("eplb rebalance dropped: model=%s rank=%d step=%d duration_s=%.3f "
+                     "balancedness_before=%.4f balancedness_after=%.4f layers_changed=%d (%s)",
+                     self.name, self._rank, step, time.monotonic() - job.started_at,
+                     before.mean(), after.mean(), changed, reason)
             self._job = None
             self._emit("rebalance", step, "dropped")
             return
@@ -327,13 +336,23 @@ class ModelDriver:
             self._job = None
             if error is None:
                 self.stats.done += 1
-                log.info("model %r step %d: rebalance done in %d steps", self.name, step,
-                         step - job.started_step)
+                self._log_done(job, step)
                 self._emit("rebalance", step, "done")
         else:
             self._stage_next(job, step)
         if error is not None and self.config.on_failure == "raise":
             raise error
+
+    def _log_done(self, job: _Job, step: int) -> None:
+        before, after = self.stats.balancedness_before, self.stats.balancedness_after
+        assert before is not None and after is not None
+        log.info("eplb rebalance done: model=%s rank=%d step=%d steps=%d duration_s=%.3f "
+                 "balancedness_before=%.4f balancedness_after=%.4f bytes_received=%d "
+                 "(balancedness: mean/max per-rank load per layer, averaged; predicted "
+                 "from the all-reduced window)", self.name, self._rank, step,
+                 step - job.started_step,
+                 time.monotonic() - job.started_at, before.mean(), after.mean(),
+                 self.stats.bytes_moved - job.bytes_at_start)
 
     def _commit_maps(self, layers: list[int], new: Placement) -> None:
         self._p2l[layers] = new.physical_to_logical[layers]

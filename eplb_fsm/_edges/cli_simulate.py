@@ -79,6 +79,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--check-every", type=positive_int, default=d.check_every,
                    help="compare outputs with a dense evaluation every N passes")
+    p.add_argument("--fast", action="store_true",
+                   help="plain matmuls instead of the bit-exact products: for large models "
+                   "(GPU); invariance is then checked within a tolerance")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="expert weight dtype (compute stays float32)")
     p.add_argument("--timeout", type=positive_int, default=900,
                    help="seconds before a stuck run is killed")
     p.add_argument("--report", type=Path, help="write report.json (and PNG plots) here")
@@ -123,7 +128,8 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
         nodes=args.nodes, policy=args.policy, window_size=args.window_size,
         step_interval=args.step_interval, readiness_lag=args.readiness_lag,
         exponent=args.exponent, drift=args.drift, shift_steps=tuple(args.shift_at),
-        trace_file=trace_file, seed=args.seed, check_every=args.check_every, progress=True)
+        trace_file=trace_file, seed=args.seed, check_every=args.check_every, progress=True,
+        exact=not args.fast, dtype=args.dtype)
     opts.eplb_config()  # the runtime's own checks, before any process starts
     opts.moe_config()
     return opts

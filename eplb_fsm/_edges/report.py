@@ -88,7 +88,8 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  {'step() p50 / p99 us':<24}{s['p50']:>10.1f} / {s['p99']:.1f} (max {s['max']:.0f})",
         f"  {'forward p50 us':<24}{report['forward_us']['p50']:>10.1f}",
         f"  {'invariance held':<24}{'yes' if report['invariance_held'] else 'NO':>10}"
-        f" ({report['invariance_checks']} checks per rank)",
+        f" ({report['invariance_checks']} checks per rank, "
+        f"{'bit-identical' if o['exact'] else 'within rtol/atol 1e-4'})",
         "  steps (seconds) per state, rank 0:",
     ]
     for state, steps in report["states"]["steps"].items():

@@ -305,3 +305,18 @@ def test_an_expert_without_replica_is_an_error_not_a_silent_drop() -> None:
     ids[1, :, 1] = 2
     with pytest.raises(RuntimeError, match="layer 1: logical expert 2 has no replica"):
         model(_tokens(0, 4), expert_ids=ids)
+
+
+def test_fast_mode_matches_dense_within_its_tolerance_across_placements() -> None:
+    from eplb_fsm._edges.moe import FAST_ATOL, FAST_RTOL
+
+    cfg = MoEConfig(num_layers=3, num_logical_experts=8, hidden_size=64,
+                    intermediate_size=96, exact=False)
+    tokens = sample_tokens(cfg, 40, step=1)
+    dense = DenseMoE(cfg)(tokens)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        p2l = np.stack([rng.permutation(np.r_[np.arange(8), rng.integers(0, 8, 4)])
+                        for _ in range(3)])
+        model = ReferenceMoE(cfg, 12, placement=Placement(p2l, 8))
+        torch.testing.assert_close(model(tokens), dense, rtol=FAST_RTOL, atol=FAST_ATOL)

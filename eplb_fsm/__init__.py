@@ -30,6 +30,7 @@ from ._core.planning import (
     register_policy,
     run_policy,
 )
+from ._edges.vllm import select_replicas
 from ._runtime.config import EplbConfig
 from ._runtime.driver import RebalanceFailed
 from ._runtime.hooks import LifecycleEvent
@@ -65,4 +66,5 @@ __all__ = [
     "rank_load_from_physical",
     "register_policy",
     "run_policy",
+    "select_replicas",
 ]

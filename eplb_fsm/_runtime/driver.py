@@ -461,8 +461,11 @@ class ModelDriver:
         now = time.monotonic()
         self.stats.add_time(source, step - entered_step, now - entered_at)
         self._entered = (step, now)
-        log.debug("model %r step %d: %s -> %s (%s)", self.name, step, source, dest, trigger)
-        self._hooks.emit(LifecycleEvent("transition", self.name, step, source, dest, trigger))
+        log.debug("eplb transition: model=%s rank=%d step=%d %s -> %s trigger=%s "
+                  "seconds_in_source=%.6f", self.name, self._rank, step, source, dest, trigger,
+                  now - entered_at)
+        self._hooks.emit(LifecycleEvent("transition", self.name, step, source, dest, trigger,
+                                        seconds_in_source=now - entered_at))
 
     def _emit(self, kind: str, step: int, trigger: str, *, layers: tuple[int, ...] = (),
               error: str | None = None) -> None:
@@ -532,6 +535,7 @@ class ModelDriver:
             launched, round_ = self._log_rounds.pop(0)
             values = await wait_round(round_, self.config.peer_timeout_s)
             per_layer = self._balancedness_of(values)
+            self.stats.measured_balancedness = per_layer
             log.info("model %r step %d: balancedness %.4f avg, %.4f worst layer "
                      "(mean/max per-rank load per layer, averaged over layers)",
                      self.name, launched, per_layer.mean(), per_layer.min())

@@ -42,6 +42,7 @@ class LifecycleEvent:
     trigger: str
     layers: tuple[int, ...] = ()
     error: str | None = None
+    seconds_in_source: float | None = None  # transitions: time spent in `source`
 
 
 _DRAIN = LifecycleEvent("", "", 0, "", "", "")
@@ -64,6 +65,11 @@ class Hooks:
         if not callable(callback):
             raise ValueError(f"callback for {kind!r} must be callable")
         self._callbacks[kind].append(callback)
+
+    def remove(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
+        if kind not in self._callbacks or callback not in self._callbacks[kind]:
+            raise ValueError(f"{callback!r} is not registered for {kind!r}")
+        self._callbacks[kind].remove(callback)
 
     def emit(self, event: LifecycleEvent) -> None:
         for callback in self._callbacks[event.kind]:

@@ -59,6 +59,20 @@ def _check_model(model: Any, config: EplbConfig, world_size: int) -> int:
     if model.num_local_physical_experts * world_size != num_physical:
         raise ValueError(f"model.num_local_physical_experts={model.num_local_physical_experts}"
                          f" x {world_size} ranks must equal num_physical_experts={num_physical}")
+    groups = config.num_groups if config.num_groups is not None else model.num_expert_groups
+    groups = max(int(groups), 1)
+    if num_logical % groups:
+        raise ValueError(f"model.num_logical_experts={num_logical} must be divisible by "
+                         f"num_groups={groups}")
+    if world_size % config.num_nodes:
+        raise ValueError(f"EplbConfig.num_nodes={config.num_nodes} must divide the "
+                         f"{world_size} ranks")
+    return groups
+
+
+def _check_weights(model: Any) -> None:
+    """expert_weights: one list of [local slots, ...] tensors per MoE layer."""
+    num_layers = model.num_moe_layers
     weights = model.expert_weights
     if len(weights) != num_layers:
         raise ValueError(f"model.expert_weights has {len(weights)} layers, expected "
@@ -72,15 +86,6 @@ def _check_model(model: Any, config: EplbConfig, world_size: int) -> int:
                 raise ValueError(
                     f"model.expert_weights[{layer}][{i}] must be a tensor whose first dim is "
                     f"num_local_physical_experts={model.num_local_physical_experts}")
-    groups = config.num_groups if config.num_groups is not None else model.num_expert_groups
-    groups = max(int(groups), 1)
-    if num_logical % groups:
-        raise ValueError(f"model.num_logical_experts={num_logical} must be divisible by "
-                         f"num_groups={groups}")
-    if world_size % config.num_nodes:
-        raise ValueError(f"EplbConfig.num_nodes={config.num_nodes} must divide the "
-                         f"{world_size} ranks")
-    return groups
 
 
 class EplbRuntime:
@@ -191,10 +196,22 @@ class EplbRuntime:
         elif (placement.num_layers, placement.num_logical, placement.num_physical) != (
                 model.num_moe_layers, model.num_logical_experts, model.num_physical_experts):
             raise ValueError("placement shape disagrees with the model's layers and experts")
-        self._drivers[name] = ModelDriver(
+        driver = ModelDriver(
             name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
             mover=self._mover, device=self._device, executor=self._executor,
             faults=self._faults, hooks=self._hooks, liveness=self._liveness)
+        # After set_eplb_state (the driver called it): vLLM's models fill
+        # expert_weights there, so checking them earlier would refuse them.
+        _check_weights(model)
+        self._drivers[name] = driver
+
+    def off(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
+        """Stop calling `callback` for `kind` (events already queued still arrive)."""
+        self._hooks.remove(kind, callback)
+
+    def drain_hooks(self, timeout: float = 5.0) -> None:
+        """Wait (up to `timeout` s) until queued sync callbacks have run."""
+        self._hooks.drain(timeout)
 
     def on(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
         """Call `callback(event)` on every lifecycle event of `kind` ("transition",

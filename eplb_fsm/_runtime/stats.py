@@ -28,6 +28,7 @@ class ModelStats:
         default_factory=lambda: dict.fromkeys(STATES, 0.0))
     balancedness_before: npt.NDArray[np.float64] | None = None
     balancedness_after: npt.NDArray[np.float64] | None = None
+    measured_balancedness: npt.NDArray[np.float64] | None = None  # log_balancedness rounds
 
     def add_time(self, state: str, steps: int, seconds: float) -> None:
         self.steps_in_state[state] += steps
@@ -57,5 +58,6 @@ class ModelStats:
             "balancedness": {"definition": "mean/max per-rank load, per layer; "
                              "mean and min over layers",
                              "before_last_plan": summary(self.balancedness_before),
-                             "after_last_plan": summary(self.balancedness_after)},
+                             "after_last_plan": summary(self.balancedness_after),
+                             "measured_last_logged": summary(self.measured_balancedness)},
         }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of the transfer engine and the runtime, in one go, for a lent
-# multi-GPU machine (see docs/benchmarks.md). Writes logs to ${OUT:-/tmp/gpu}.
+# The GPU checks and measurements, in one go, for a lent multi-GPU machine
+# (see docs/benchmarks.md). Logs go to ${OUT:-/tmp/gpu}. SKIP_TRANSFER=1 skips
+# the transfer bandwidth benchmark.
 #   bash benchmarks/gpu_suite.sh
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -9,15 +10,21 @@ out=${OUT:-/tmp/gpu}
 mkdir -p "$out"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/cards.txt"
-echo "== NCCL transfer tests ($gpus GPUs)"
-timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_transfer_nccl.py \
-  2>&1 | tee "$out/nccl_tests.txt" | tail -5
+echo "== NCCL tests: transfer engine and runtime ($gpus GPUs)"
+timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_transfer_nccl.py \
+  tests/runtime/test_nccl_runtime.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
 for n in 2 4; do
   [ "$gpus" -ge "$n" ] || continue
-  echo "== transfer_bench on $n GPUs"
-  timeout 300 python3 benchmarks/transfer_bench.py --gpus "$n" 2>&1 | tee "$out/transfer_bench_$n.txt" | tail -25
+  if [ "${SKIP_TRANSFER:-0}" != 1 ]; then
+    echo "== transfer_bench on $n GPUs"
+    timeout 300 python3 benchmarks/transfer_bench.py --gpus "$n" 2>&1 | grep -v Warning \
+      | tee "$out/transfer_bench_$n.txt" | tail -12
+  fi
+  echo "== gpu_path on $n GPUs"
+  timeout 420 python3 benchmarks/gpu_path.py --gpus "$n" 2>&1 | grep -v Warning \
+    | tee "$out/gpu_path_$n.txt" | tail -8
 done
-echo "== simulate under torchrun, NCCL, $gpus GPUs (smoke)"
+echo "== simulate under torchrun, NCCL, $gpus GPUs, exact arithmetic (invariance check)"
 timeout 240 torchrun --nproc-per-node "$gpus" -m eplb_fsm simulate --steps 120 --tokens 256 \
   --step-interval 40 --window-size 20 --shift-at 60 --check-every 20 \
-  2>&1 | tee "$out/simulate_nccl.txt" | tail -25
+  2>&1 | tee "$out/simulate_nccl.txt" | grep -E "invariance|balancedness|rebalances done"

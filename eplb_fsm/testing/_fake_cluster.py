@@ -41,7 +41,8 @@ class TaggedMoEModel:
     """
 
     def __init__(self, rank: int, world_size: int, num_layers: int, num_logical: int,
-                 num_redundant: int = 0, num_groups: int = 1) -> None:
+                 num_redundant: int = 0, num_groups: int = 1,
+                 device: torch.device | str = "cpu") -> None:
         self.num_moe_layers = num_layers
         self.num_logical_experts = num_logical
         self.num_redundant_experts = num_redundant
@@ -57,9 +58,9 @@ class TaggedMoEModel:
                    % num_logical)  # vLLM's initial layout
         self.expert_weights = [
             [torch.stack([torch.full((4,), self.tag(layer, int(e), 0), dtype=torch.float32)
-                          for e in experts]),
+                          for e in experts]).to(device),
              torch.stack([torch.full((2, 3), self.tag(layer, int(e), 1), dtype=torch.int64)
-                          for e in experts])]
+                          for e in experts]).to(device)]
             for layer in range(num_layers)
         ]
         self.expert_load_view: torch.Tensor | None = None

@@ -125,7 +125,10 @@ class ModelDriver:
         self._l2p = maps.logical_to_physical
         self._rc = maps.replica_count
         model.set_eplb_state(self._load_view, self._l2p, self._rc)
-        self._window = LoadWindow(config.window_size, placement.num_layers,
+        every = config.load_record_interval or (8 if device.type == "cuda" else 1)
+        self._record_every = every
+        self._pending = 0  # passes in the load view not yet in the window
+        self._window = LoadWindow(-(-config.window_size // every), placement.num_layers,
                                   placement.num_physical, placement.num_logical, device)
         self._window.set_map(self._p2l)
         self.lifecycle = lc.Lifecycle()
@@ -146,10 +149,19 @@ class ModelDriver:
 
     # -- the step -----------------------------------------------------------------------
 
+    def _record(self) -> None:
+        """Move the passes accumulated in the load view into the window."""
+        self._window.record(self._load_view, self._pending)
+        self._load_view.zero_()
+        self._pending = 0
+
     async def step(self, step: int, is_dummy: bool) -> None:
         if not is_dummy:
-            self._window.record(self._load_view)
-        self._load_view.zero_()
+            self._pending += 1
+            if self._pending >= self._record_every:
+                self._record()
+        elif self._pending == 0:
+            self._load_view.zero_()  # drop the dummy pass's load exactly
         if self.config.log_balancedness:
             await self._log_balancedness(step, is_dummy)
         if self.state == lc.FAILED:
@@ -174,6 +186,8 @@ class ModelDriver:
             self._fail_locally(job, step, exc)
 
     def _begin(self, step: int) -> None:
+        if self._pending:
+            self._record()  # the plan must see every pass so far
         lag = self.config.readiness_lag
         self._job = _Job(step, time.monotonic() + self.config.peer_timeout_s, "reduce",
                          step + lag, host_load=self._window.snapshot(),
@@ -355,6 +369,8 @@ class ModelDriver:
                  self.stats.bytes_moved - job.bytes_at_start)
 
     def _commit_maps(self, layers: list[int], new: Placement) -> None:
+        if self._pending:
+            self._record()  # passes so far ran under the old maps
         self._p2l[layers] = new.physical_to_logical[layers]
         self._l2p[layers] = torch.from_numpy(
             np.ascontiguousarray(new.logical_to_physical[layers])).to(self._l2p.device)

@@ -74,6 +74,7 @@ class LoadWindow:
         self._buf = torch.zeros(window_size, num_layers, num_physical, dtype=torch.int64,
                                 device=device)
         self._version = np.full(window_size, -1, dtype=np.int64)
+        self._passes = np.zeros(window_size, dtype=np.int64)  # passes summed per entry
         self._next = 0
         self._num_logical = num_logical
         self._maps: dict[int, npt.NDArray[np.int64]] = {}
@@ -90,9 +91,10 @@ class LoadWindow:
         for version in [v for v in self._maps if v not in live]:
             del self._maps[version]
 
-    def record(self, load_view: torch.Tensor) -> None:
+    def record(self, load_view: torch.Tensor, passes: int = 1) -> None:
         self._buf[self._next].copy_(load_view)
         self._version[self._next] = self._current
+        self._passes[self._next] = passes
         self._next = (self._next + 1) % len(self._version)
 
     def last(self) -> npt.NDArray[np.int64] | None:
@@ -103,7 +105,8 @@ class LoadWindow:
 
     @property
     def passes(self) -> int:
-        return int((self._version >= 0).sum())
+        """Passes the window holds (an entry may sum several, see load_record_interval)."""
+        return int(self._passes[self._version >= 0].sum())
 
     def snapshot(self) -> HostLoad:
         self._forget_unused_maps()

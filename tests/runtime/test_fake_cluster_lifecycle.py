@@ -245,3 +245,21 @@ async def test_window_stays_true_across_a_rebalance() -> None:
 
     expected = balancedness_per_layer(rank_load_from_logical(load, first, 4))
     np.testing.assert_allclose(stats["balancedness"]["before_last_plan"]["per_layer"], expected)
+
+
+@pytest.mark.asyncio
+async def test_recording_every_few_passes_keeps_the_window_true() -> None:
+    # 4 passes per window entry: the window is flushed before every map change,
+    # so passes under each placement are still mapped by their own map.
+    cluster = make(window_size=40, load_record_interval=4)
+    load = skewed()
+    await cluster.run(41, feed_main(load))
+    driver = cluster.runtimes[0]._drivers["main"]
+    assert cluster.runtimes[0].stats()["models"]["main"]["rebalances"]["done"] == 1
+    from eplb_fsm._runtime.load_window import physical_to_logical_load
+
+    window = driver._window
+    unrecorded = physical_to_logical_load(driver._load_view.numpy(), driver._p2l, E)
+    np.testing.assert_array_equal(window.snapshot().logical() + unrecorded,
+                                  (window.passes + driver._pending) * load)
+    assert_consistent(cluster)

@@ -249,9 +249,9 @@ async def test_window_stays_true_across_a_rebalance() -> None:
 
 @pytest.mark.asyncio
 async def test_recording_every_few_passes_keeps_the_window_true() -> None:
-    # 4 passes per window entry: the window is flushed before every map change,
+    # 3 passes per window entry: the window is flushed before every map change,
     # so passes under each placement are still mapped by their own map.
-    cluster = make(window_size=40, load_record_interval=4)
+    cluster = make(window_size=40, load_record_interval=3)
     load = skewed()
     await cluster.run(41, feed_main(load))
     driver = cluster.runtimes[0]._drivers["main"]

@@ -134,22 +134,32 @@ class MoEConfig:
 
 
 def expert_weights_for(
-    config: MoEConfig, layer: int, expert: int
+    config: MoEConfig, layer: int, expert: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights of one logical expert, from the seed alone (any rank can build any).
 
-    Returns ``(w_gate_up [H, 2I], w_down [I, H])`` in ``config.dtype`` on CPU;
-    layout is [in, out], the layout the tree products contract over.
+    Returns ``(w_gate_up [H, 2I], w_down [I, H])`` in ``config.dtype`` on `device`;
+    layout is [in, out], the layout the tree products contract over. In fast
+    mode on CUDA they are drawn on the device (a GPU-sized model would take
+    minutes on the host); the same seed gives the same weights on every GPU
+    of one kind, which is all the model and its dense oracle need.
     """
     if not 0 <= layer < config.num_layers or not 0 <= expert < config.num_logical_experts:
         raise ValueError(f"(layer, expert)=({layer}, {expert}) out of range for "
                          f"{config.num_layers} layers x {config.num_logical_experts} experts")
     h, i = config.hidden_size, config.intermediate_size
+    device = torch.device(device)
+    if not config.exact and device.type == "cuda":
+        gen = torch.Generator(device=device)
+        gen.manual_seed((config.seed * 1_000_003 + layer) * 1_000_003 + expert)
+        gate_up = torch.randn(h, 2 * i, generator=gen, device=device) / math.sqrt(h)
+        down = torch.randn(i, h, generator=gen, device=device) / math.sqrt(i)
+        return gate_up.to(config.dtype), down.to(config.dtype)
     rng = np.random.default_rng([config.seed, _TAG_EXPERT, layer, expert])
     gate_up = rng.standard_normal((h, 2 * i), dtype=np.float32) / np.float32(math.sqrt(h))
     down = rng.standard_normal((i, h), dtype=np.float32) / np.float32(math.sqrt(i))
-    return (torch.from_numpy(gate_up).to(config.dtype),
-            torch.from_numpy(down).to(config.dtype))
+    return (torch.from_numpy(gate_up).to(device=device, dtype=config.dtype),
+            torch.from_numpy(down).to(device=device, dtype=config.dtype))
 
 
 def router_weight_for(config: MoEConfig, layer: int) -> torch.Tensor:
@@ -343,7 +353,7 @@ class DenseMoE:
         self.gate_up: list[torch.Tensor] = []
         self.down: list[torch.Tensor] = []
         for layer in range(config.num_layers):
-            pairs = [expert_weights_for(config, layer, e)
+            pairs = [expert_weights_for(config, layer, e, self.device)
                      for e in range(config.num_logical_experts)]
             self.gate_up.append(torch.stack([p[0] for p in pairs]).to(self.device))
             self.down.append(torch.stack([p[1] for p in pairs]).to(self.device))
@@ -490,7 +500,7 @@ class ReferenceMoE(nn.Module):
                     gate_up[local].zero_()
                     down[local].zero_()
                     continue
-                w_gate_up, w_down = expert_weights_for(self.config, layer, expert)
+                w_gate_up, w_down = expert_weights_for(self.config, layer, expert, self.device)
                 gate_up[local].copy_(w_gate_up)
                 down[local].copy_(w_down)
 

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .arrays import as_id_array, check_count
+
 if TYPE_CHECKING:
     import torch
 
@@ -45,17 +47,7 @@ class PlacementTensors(NamedTuple):
 
 
 def _as_int_matrix(name: str, value: Any) -> IntArray:
-    if hasattr(value, "detach"):  # a torch tensor; avoids importing torch here
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [layers, slots], got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.integer)):
-        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} must hold integer expert ids, got dtype {arr.dtype}")
-        if not np.array_equal(arr, np.round(arr)):
-            raise ValueError(f"{name} must hold integer expert ids, found fractional values")
-    return arr.astype(np.int64, copy=True)
+    return as_id_array(name, value, 2)
 
 
 class Placement:
@@ -91,11 +83,7 @@ class Placement:
             raise ValueError("physical_to_logical entries must be >= -1 (-1 marks an empty slot)")
         if num_logical_experts is None:
             num_logical_experts = int(p2l.max()) + 1
-        if not isinstance(num_logical_experts, (int, np.integer)) or num_logical_experts < 1:
-            raise ValueError(
-                f"num_logical_experts must be a positive int, got {num_logical_experts!r}"
-            )
-        num_logical = int(num_logical_experts)
+        num_logical = check_count("num_logical_experts", num_logical_experts)
         if num_physical < num_logical:
             raise ValueError(
                 f"physical_to_logical has {num_physical} slots per layer, fewer than "
@@ -236,6 +224,9 @@ class Placement:
         layer, expert, _ = np.nonzero(filled)
         if not np.array_equal(p2l[layer, l2p[filled]], expert):
             raise ValueError("logical_to_physical names a slot holding another expert")
+        later = l2p[..., 1:]
+        if np.any((later >= 0) & ((l2p[..., :-1] < 0) | (later <= l2p[..., :-1]))):
+            raise ValueError("logical_to_physical rows must list slots ascending, then -1")
 
     # -- conversions and comparisons ----------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from .arrays import as_real_array
 from .deepseek import rebalance_hierarchical
 from .placement import Placement
 from .relabel import relabel
@@ -147,7 +148,7 @@ def run_policy(
 
 def check_policy_options(name: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """Check `options` for registered policy `name` without planning (config time)."""
-    if name not in _POLICIES:
+    if not isinstance(name, str) or name not in _POLICIES:
         raise ValueError(
             f"policy {name!r} is unknown; known policies: {', '.join(available_policies())}"
         )
@@ -172,21 +173,12 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _as_load(load: Any) -> npt.NDArray[np.float64]:
-    if hasattr(load, "detach"):  # torch tensor, without importing torch
-        load = load.detach().cpu().double().numpy()
-    arr = np.asarray(load)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.integer)
-        or np.issubdtype(arr.dtype, np.floating)
-        or np.issubdtype(arr.dtype, np.bool_)
-    ):
-        raise ValueError(f"load must hold real numbers, got dtype {arr.dtype}")
+    arr = as_real_array("load", load)
     if arr.ndim != 2:
         raise ValueError(f"load must be 2-D [num_layers, num_logical_experts], got shape "
                          f"{arr.shape}")
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"load must have at least one layer and one expert, got {arr.shape}")
-    arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError("load must be finite (found NaN or inf)")
     if np.any(arr < 0):
@@ -227,7 +219,7 @@ def check_plan_args(
                          f"num_groups={g}")
     if r % n:
         raise ValueError(f"num_ranks={r} must be divisible by num_nodes={n}")
-    if policy not in _POLICIES:
+    if not isinstance(policy, str) or policy not in _POLICIES:
         raise ValueError(
             f"policy {policy!r} is unknown; known policies: {', '.join(available_policies())}"
         )

@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from .arrays import as_id_array, check_count
+
 __all__ = [
     "Duplicate",
     "LayerPlan",
@@ -181,19 +183,7 @@ def _slot_bytes(slot_bytes: int | Mapping[int, int], layer: int) -> int:
 
 
 def _as_ids(name: str, value: Any, ndim: int) -> IntArray:
-    if hasattr(value, "detach"):  # a torch tensor; the core does not import torch
-        value = value.detach().cpu().numpy()
-    arr = np.asarray(value)
-    if arr.ndim != ndim:
-        shape = "[slots]" if ndim == 1 else "[layers, slots]"
-        raise ValueError(f"{name} must be {ndim}-D {shape}, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer expert ids, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and int(arr.min()) < -1:
-        raise ValueError(f"{name} holds id {int(arr.min())}; ids must be >= -1 "
-                         "(-1 marks an empty slot)")
-    return arr
+    return as_id_array(name, value, ndim)
 
 
 def _check_num_ranks(num_ranks: int, num_slots: int, name: str) -> None:
@@ -261,6 +251,7 @@ def plan_layer(
     new = _as_ids("new_physical_to_logical", new_row, 1)
     check_maps(old[None], new[None], num_ranks)
     _check_node_size(node_size)
+    check_count("layer", layer, 0)
     return _plan_row(old, new, int(num_ranks), node_size, int(layer))
 
 
@@ -286,6 +277,9 @@ def check_layers(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ..
     """`layers` as a tuple of distinct ints in [0, num_layers); all layers when None."""
     if layers is None:
         return tuple(range(num_layers))
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or \
+            getattr(layers, "ndim", 1) == 0:
+        raise ValueError(f"layers must be a sequence of layer indices, got {layers!r}")
     chosen = tuple(layers)
     for layer in chosen:
         if not isinstance(layer, (int, np.integer)) or isinstance(layer, bool) \
@@ -370,6 +364,9 @@ def required_transfers(old_row: Sequence[int], new_row: Sequence[int], num_ranks
     per rank, the distinct experts of its new slots it held nowhere in its old slots."""
     old = _as_ids("old_physical_to_logical", old_row, 1)
     new = _as_ids("new_physical_to_logical", new_row, 1)
+    if old.shape != new.shape:
+        raise ValueError(f"old_physical_to_logical has {old.shape[0]} slots but "
+                         f"new_physical_to_logical has {new.shape[0]}; they must match")
     _check_num_ranks(num_ranks, old.shape[0], "old_physical_to_logical")
     num_local = old.shape[0] // num_ranks
     total = 0

@@ -10,13 +10,13 @@ as ``.npz`` or ``.json``; the other maps are derived on load.
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from .._core.arrays import as_real_array
 from .._core.placement import Placement
 
 __all__ = ["read_load", "read_placement", "write_placement"]
@@ -38,6 +38,10 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
 def read_load(path: str | Path, ndim: int = 2) -> npt.NDArray[np.float64]:
@@ -62,14 +66,12 @@ def read_load(path: str | Path, ndim: int = 2) -> npt.NDArray[np.float64]:
             raise ValueError(
                 f"{path}: cannot read load file ({type(exc).__name__}: {first_line})"
             ) from exc
-        if suffix == ".pt":
-            if not hasattr(raw, "detach"):
-                raise ValueError(f"{path}: expected a saved tensor, got {type(raw).__name__}")
-            raw = raw.detach().double().numpy()
+        if suffix == ".pt" and not hasattr(raw, "detach"):
+            raise ValueError(f"{path}: expected a saved tensor, got {type(raw).__name__}")
     try:
-        arr = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: load must be a rectangular array of numbers ({exc})") from exc
+        arr = as_real_array("load", raw)  # the core's rules: real, dense, in range
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     if arr.ndim != ndim:
         want = "[layers, experts]" if ndim == 2 else "[steps, layers, experts]"
         raise ValueError(f"{path}: load must be {ndim}-D {want}, got shape {arr.shape}")
@@ -85,20 +87,32 @@ def read_placement(path: str | Path) -> Placement:
     suffix = _suffix(path, PLACEMENT_SUFFIXES, "placement")
     if not path.is_file():
         raise ValueError(f"placement file {path} does not exist")
-    try:
-        if suffix == ".npz":
+    if suffix == ".npz":
+        try:
             with np.load(path, allow_pickle=False) as data:
                 p2l = data["physical_to_logical"]
-                num_logical = int(data["num_logical_experts"])
-        else:
-            data = _read_json(path)
-            p2l = np.asarray(data["physical_to_logical"])
-            num_logical = int(data["num_logical_experts"])
-    except (KeyError, TypeError, IndexError) as exc:
-        raise ValueError(f"{path}: a placement file needs 'physical_to_logical' and "
-                         f"'num_logical_experts' ({exc})") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"{path}: cannot read placement file ({exc})") from exc
+                count = data["num_logical_experts"]
+        except KeyError as exc:
+            raise ValueError(f"{path}: a placement file needs 'physical_to_logical' and "
+                             f"'num_logical_experts' ({exc})") from exc
+        except Exception as exc:  # corrupt zips raise zlib, zipfile, OS and numpy errors
+            raise ValueError(f"{path}: cannot read placement file ({type(exc).__name__}: "
+                             f"{exc})") from exc
+        if count.shape != () or count.dtype.kind not in "iu":
+            raise ValueError(f"{path}: num_logical_experts must be one integer, got "
+                             f"{count.dtype} of shape {count.shape}")
+        num_logical = int(count)
+    else:
+        data = _read_json(path)
+        if not isinstance(data, dict) or not {"physical_to_logical",
+                                              "num_logical_experts"} <= data.keys():
+            raise ValueError(f"{path}: a placement file needs 'physical_to_logical' and "
+                             "'num_logical_experts'")
+        count = data["num_logical_experts"]
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError(f"{path}: num_logical_experts must be an integer, got {count!r}")
+        num_logical = count
+        p2l = data["physical_to_logical"]
     try:
         return Placement(p2l, num_logical)
     except ValueError as exc:

@@ -97,8 +97,12 @@ class EplbConfig:
             raise ValueError(f"EplbConfig.min_balancedness_gain must be a number in [-1, 1], "
                              f"got {gain!r}")
         timeout = self.peer_timeout_s
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
-            raise ValueError(f"EplbConfig.peer_timeout_s must be > 0, got {timeout!r}")
+        # A bound the waits can express (datetime.timedelta in the gloo adapter):
+        # a day is far beyond any sane wait for a peer.
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
+                or not 0 < timeout <= 86_400:
+            raise ValueError(f"EplbConfig.peer_timeout_s must be > 0 and <= 86400 s, got "
+                             f"{timeout!r}")
         if self.on_failure not in ("raise", "absorb"):
             raise ValueError(f"EplbConfig.on_failure must be 'raise' or 'absorb', got "
                              f"{self.on_failure!r}")

@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--forward-ms", type=float, default=1.0,
+    parser.add_argument("--forward-ms", type=float, default=0.0,
                         help="busy compute standing in for the forward pass")
     args = parser.parse_args()
     rows = []

@@ -32,8 +32,8 @@ from ._core.planning import (
 )
 from ._edges.vllm import select_replicas
 from ._runtime.config import EplbConfig
-from ._runtime.driver import RebalanceFailed
 from ._runtime.hooks import LifecycleEvent
+from ._runtime.job import RebalanceFailed
 from ._runtime.runtime import EplbRuntime
 
 __version__ = "0.1.0"

@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,6 @@ from .._adapters.interfaces import (
     FaultHook,
     MoEModel,
     ReadinessRound,
-    StagedTransfer,
     WeightMover,
 )
 from .._adapters.liveness import Heartbeat
@@ -44,60 +42,17 @@ from .._core import lifecycle as lc
 from .._core.balance import balancedness_per_layer, rank_load_from_logical
 from .._core.placement import Placement
 from .._core.planning import plan
+from .balance_log import BalancednessLog
 from .config import EplbConfig
 from .hooks import Hooks, LifecycleEvent
-from .load_window import HostLoad, LoadWindow
+from .job import Job, Planned, RebalanceFailed
+from .load_window import LoadWindow
 from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
 from .stats import ModelStats
 
 __all__ = ["ModelDriver", "RebalanceFailed"]
 
 log = logging.getLogger("eplb_fsm")
-
-
-class RebalanceFailed(RuntimeError):
-    """A rebalance ended in the ``failed`` state; layers not committed kept their
-    old placement on every rank. The message names the model, the phase or
-    layers, and the ranks that were late or broken."""
-
-    def __init__(self, message: str, *, model: str, layers: tuple[int, ...] = (),
-                 ranks: tuple[int, ...] = ()) -> None:
-        super().__init__(message)
-        self.model = model
-        self.layers = layers
-        self.ranks = ranks
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """What the planning thread hands back: the placement and the staging work."""
-
-    placement: Placement
-    batches: tuple[tuple[int, ...], ...]  # changed layers, `layers_per_transfer` at a time
-    prepared: tuple[Any, ...]  # the mover's precomputation for each batch
-
-
-@dataclass
-class _Job:
-    """A rebalance in flight."""
-
-    started_step: int
-    deadline: float
-    phase: str
-    due: int
-    started_at: float = field(default_factory=time.monotonic)
-    bytes_at_start: int = 0
-    host_load: HostLoad | None = None
-    load_round: ReadinessRound | None = None
-    reduced_load: npt.NDArray[np.int64] | None = None
-    plan_future: Future[_Planned] | None = None
-    plan: Placement | None = None
-    round: ReadinessRound | None = None
-    batches: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
-    layers: tuple[int, ...] = ()
-    staged: StagedTransfer | None = None
-    local_error: BaseException | None = None
-    fatal_error: BaseException | None = None  # survives batches: reported every round
 
 
 class ModelDriver:
@@ -133,8 +88,10 @@ class ModelDriver:
         self._window.set_map(self._p2l)
         self.lifecycle = lc.Lifecycle()
         self.stats = ModelStats()
-        self._job: _Job | None = None
-        self._log_rounds: list[tuple[int, ReadinessRound]] = []
+        self._job: Job | None = None
+        self._balance_log = (BalancednessLog(name, config, allreduce, placement.num_layers,
+                                             placement.num_physical)
+                             if config.log_balancedness else None)
         self._entered = (0, time.monotonic())
 
     # -- public views -------------------------------------------------------------------
@@ -162,8 +119,10 @@ class ModelDriver:
                 self._record()
         elif self._pending == 0:
             self._load_view.zero_()  # drop the dummy pass's load exactly
-        if self.config.log_balancedness:
-            await self._log_balancedness(step, is_dummy)
+        if self._balance_log is not None:
+            per_layer = await self._balance_log.step(step, is_dummy, self._window)
+            if per_layer is not None:
+                self.stats.measured_balancedness = per_layer
         if self.state == lc.FAILED:
             self._fire("recover", step)
         job = self._job
@@ -189,13 +148,13 @@ class ModelDriver:
         if self._pending:
             self._record()  # the plan must see every pass so far
         lag = self.config.readiness_lag
-        self._job = _Job(step, time.monotonic() + self.config.peer_timeout_s, "reduce",
+        self._job = Job(step, time.monotonic() + self.config.peer_timeout_s, "reduce",
                          step + lag, host_load=self._window.snapshot(),
                          bytes_at_start=self.stats.bytes_moved)
         self.stats.started += 1
         self._fire("interval_reached", step)
 
-    async def _advance(self, job: _Job, step: int) -> None:
+    async def _advance(self, job: Job, step: int) -> None:
         lag = self.config.readiness_lag
         if job.phase == "reduce":
             assert job.host_load is not None
@@ -241,7 +200,7 @@ class ModelDriver:
     # -- planning -----------------------------------------------------------------------
 
     def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64],
-              step: int) -> _Planned:
+              step: int) -> Planned:
         """Runs in the planning thread: everything deterministic, nothing collective."""
         if self._faults is not None:
             self._faults.inject(self.name, "plan", step, ())
@@ -255,9 +214,9 @@ class ModelDriver:
         batches = tuple(tuple(changed[i:i + size]) for i in range(0, len(changed), size))
         prepared = tuple(self._mover.prepare(old, new.physical_to_logical, batch)
                          for batch in batches)
-        return _Planned(new, batches, prepared)
+        return Planned(new, batches, prepared)
 
-    def _plan_ready(self, job: _Job) -> bool:
+    def _plan_ready(self, job: Job) -> bool:
         future = job.plan_future
         if future is None or not future.done():
             return False
@@ -267,7 +226,7 @@ class ModelDriver:
             return False
         return True
 
-    def _agree_on_plan(self, job: _Job, step: int) -> None:
+    def _agree_on_plan(self, job: Job, step: int) -> None:
         assert job.plan_future is not None and job.reduced_load is not None
         planned = job.plan_future.result()
         new = job.plan = planned.placement
@@ -298,7 +257,7 @@ class ModelDriver:
 
     # -- transfer and commit ------------------------------------------------------------
 
-    def _stage_next(self, job: _Job, step: int) -> None:
+    def _stage_next(self, job: Job, step: int) -> None:
         assert job.plan is not None
         job.layers, prepared = job.batches.pop(0)
         job.deadline = time.monotonic() + self.config.peer_timeout_s
@@ -312,7 +271,7 @@ class ModelDriver:
             job.local_error = exc
         job.phase, job.due = "transfer_launch", step + self.config.readiness_lag
 
-    def _transfer_ready(self, job: _Job) -> bool:
+    def _transfer_ready(self, job: Job) -> bool:
         if job.staged is None or job.local_error is not None:
             return False
         try:
@@ -321,7 +280,7 @@ class ModelDriver:
             job.local_error = exc
             return False
 
-    def _commit(self, job: _Job, step: int) -> None:
+    def _commit(self, job: Job, step: int) -> None:
         assert job.staged is not None and job.plan is not None
         layers = list(job.layers)
         try:
@@ -357,7 +316,7 @@ class ModelDriver:
         if error is not None and self.config.on_failure == "raise":
             raise error
 
-    def _log_done(self, job: _Job, step: int) -> None:
+    def _log_done(self, job: Job, step: int) -> None:
         before, after = self.stats.balancedness_before, self.stats.balancedness_after
         assert before is not None and after is not None
         log.info("eplb rebalance done: model=%s rank=%d step=%d steps=%d duration_s=%.3f "
@@ -379,7 +338,7 @@ class ModelDriver:
         self.placement = Placement(self._p2l, new.num_logical)
         self._window.set_map(self._p2l)
 
-    def _commit_failure(self, job: _Job, step: int) -> RebalanceFailed:
+    def _commit_failure(self, job: Job, step: int) -> RebalanceFailed:
         exc = job.fatal_error
         message = (f"model {self.name!r}: commit of layer(s) {list(job.layers)} failed on rank "
                    f"{self._rank} after every rank agreed; this rank kept its old maps for "
@@ -395,7 +354,7 @@ class ModelDriver:
 
     # -- rounds and failure -------------------------------------------------------------
 
-    def _launch_round(self, job: _Job, step: int, phase: str, ready: bool) -> ReadinessRound:
+    def _launch_round(self, job: Job, step: int, phase: str, ready: bool) -> ReadinessRound:
         if self._faults is not None:
             ready = self._faults.report_ready(self.name, phase, job.layers, step, ready)
         flags = encode_flags(self._rank, self._world, ready=ready,
@@ -407,7 +366,7 @@ class ModelDriver:
         values = await wait_round(round_, self.config.peer_timeout_s)
         return RoundOutcome.decode(values, self._world)
 
-    def _check_outcome(self, job: _Job, step: int, outcome: RoundOutcome) -> bool:
+    def _check_outcome(self, job: Job, step: int, outcome: RoundOutcome) -> bool:
         """Fail the rebalance if the round says so (on every rank alike); True if failed."""
         if not outcome.failed:
             return False
@@ -424,7 +383,7 @@ class ModelDriver:
                        f"{list(outcome.not_ready_ranks)}", ranks=outcome.not_ready_ranks)
         return True
 
-    def _fail_locally(self, job: _Job, step: int, exc: BaseException) -> None:
+    def _fail_locally(self, job: Job, step: int, exc: BaseException) -> None:
         """A collective broke or never answered: no agreement is possible any more.
 
         The heartbeats name the peers that went quiet (a died or wedged rank).
@@ -440,7 +399,7 @@ class ModelDriver:
         self._fail(step, f"model {self.name!r}: {self._where(job)} failed on rank "
                    f"{self._rank}{who} ({detail})", cause=exc, ranks=tuple(silent or ()))
 
-    def _where(self, job: _Job) -> str:
+    def _where(self, job: Job) -> str:
         return f"layer(s) {list(job.layers)}" if job.layers else "planning"
 
     def _fail(self, step: int, message: str, *, cause: BaseException | None = None,
@@ -507,7 +466,7 @@ class ModelDriver:
             values = await wait_round(self._allreduce.launch(local.ravel()),
                                       self.config.peer_timeout_s)
             job.reduced_load = values.reshape(self.placement.num_layers, -1)
-            future: Future[_Planned] = Future()
+            future: Future[Planned] = Future()
             try:
                 future.set_result(self._plan(job.reduced_load, self._p2l.copy(), step))
             except Exception as exc:
@@ -537,34 +496,8 @@ class ModelDriver:
             else:
                 raise
 
-    async def _until(self, condition: Callable[[], bool], job: _Job) -> None:
+    async def _until(self, condition: Callable[[], bool], job: Job) -> None:
         while not condition():
             if time.monotonic() > job.deadline:
                 return  # the round reports timed_out; every rank fails together
             await pause(POLL_S)
-
-    # -- balancedness logging -----------------------------------------------------------
-
-    async def _log_balancedness(self, step: int, is_dummy: bool) -> None:
-        lag = self.config.readiness_lag
-        while self._log_rounds and self._log_rounds[0][0] + lag <= step:
-            launched, round_ = self._log_rounds.pop(0)
-            values = await wait_round(round_, self.config.peer_timeout_s)
-            per_layer = self._balancedness_of(values)
-            self.stats.measured_balancedness = per_layer
-            log.info("model %r step %d: balancedness %.4f avg, %.4f worst layer "
-                     "(mean/max per-rank load per layer, averaged over layers)",
-                     self.name, launched, per_layer.mean(), per_layer.min())
-        if step % self.config.log_balancedness_interval == 0:
-            # Every rank launches, dummy or not, so rounds stay paired; a dummy
-            # pass contributes zeros (the view was cleared).
-            last = self._window.last() if not is_dummy else None
-            values = (last if last is not None
-                      else np.zeros(self._load_view.numel(), dtype=np.int64))
-            self._log_rounds.append((step, self._allreduce.launch(values.ravel())))
-
-    def _balancedness_of(self, physical: npt.NDArray[np.int64]) -> npt.NDArray[Any]:
-        from .._core.balance import rank_load_from_physical
-
-        load = physical.reshape(self.placement.num_layers, self.placement.num_physical)
-        return balancedness_per_layer(rank_load_from_physical(load, self._world))

@@ -23,8 +23,9 @@ from .._core.lifecycle import TransitionRecord
 from .._core.placement import Placement
 from .._core.planning import available_policies, check_policy_options
 from .config import EplbConfig
-from .driver import ModelDriver, RebalanceFailed
+from .driver import ModelDriver
 from .hooks import Hooks, LifecycleEvent
+from .job import RebalanceFailed
 from .rounds import deferred_cancellation
 
 __all__ = ["EplbRuntime"]

@@ -263,3 +263,22 @@ async def test_recording_every_few_passes_keeps_the_window_true() -> None:
     np.testing.assert_array_equal(window.snapshot().logical() + unrecorded,
                                   (window.passes + driver._pending) * load)
     assert_consistent(cluster)
+
+
+@pytest.mark.asyncio
+async def test_log_balancedness_logs_the_measured_figure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = make(log_balancedness=True, log_balancedness_interval=5, step_interval=1000)
+    with caplog.at_level("INFO", logger="eplb_fsm"):
+        await cluster.run(12, feed_main(skewed()))
+    lines = [r.getMessage() for r in caplog.records if "eplb balancedness" in r.getMessage()]
+    assert lines and "model=main" in lines[0]
+    measured = cluster.runtimes[0].stats()["models"]["main"]["balancedness"]
+    # The initial layout on this skewed load: the same figure the planner predicts.
+    from eplb_fsm import Placement, balancedness_per_layer, rank_load_from_logical
+
+    expected = balancedness_per_layer(rank_load_from_logical(
+        4 * skewed(), Placement.initial(L, E, E + 4), 4))
+    np.testing.assert_allclose(measured["measured_last_logged"]["per_layer"], expected,
+                               rtol=0.05)

@@ -16,7 +16,6 @@ multinomial token counts (so ties are rare but possible). Runs in < 1 minute.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from functools import partial
 
 import numpy as np
 import torch
+from _machine import cpu_line
 
 import eplb_fsm
 from eplb_fsm.testing import reference_rebalance
@@ -41,17 +41,6 @@ def skewed_load(seed: int, exponent: float = 1.0, tokens: int = 1_000_000) -> np
     popularity /= popularity.sum()
     return np.stack([rng.multinomial(tokens, popularity[rng.permutation(EXPERTS)])
                      for _ in range(LAYERS)]).astype(np.float64)
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    import os
-
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -86,7 +75,7 @@ def main() -> None:
             label = "hierarchical" if policy == "default" else "global"
             rows.append((f"{slots}/{ranks}/{nodes}", label, ours * 1e3, ref * 1e3,
                          ref / ours, same, bal))
-    print(f"machine: {machine()}; numpy {np.__version__}, torch {torch.__version__} "
+    print(f"machine: {cpu_line()}; numpy {np.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} thread)")
     print(f"load: {LAYERS} layers x {EXPERTS} experts, {GROUPS} groups, Zipf 1.0, "
           f"seed {args.seed}; balancedness = mean/max per-rank load, per layer, averaged")

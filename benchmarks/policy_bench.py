@@ -38,8 +38,6 @@ Runs in about a minute on 2 cores.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -47,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy
+from _machine import cpu_line
 
 import eplb_fsm
 from eplb_fsm import Placement, plan
@@ -148,24 +147,12 @@ def run_case(kind: str, slots: int, ranks: int, nodes: int, rebalances: int,
     return rows
 
 
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    load1, _, _ = os.getloadavg()
-    return (f"{model}, {os.cpu_count()} cores, load average {load1:.2f} at start; "
-            f"Python {platform.python_version()}, numpy {np.__version__}, "
-            f"scipy {scipy.__version__}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rebalances", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"machine: {machine()}")
+    print(f"machine: {cpu_line()} at start; numpy {np.__version__}, scipy {scipy.__version__}")
     print(f"loads: {LAYERS} layers x {EXPERTS} experts, 1 group, each layer a random "
           f"permutation, seed {args.seed}; {args.rebalances} rebalances, 5% of the load moving "
           f"between experts before each; balancedness = mean/max per-rank load, per layer, "

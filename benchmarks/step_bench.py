@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from _machine import cpu_line  # benchmarks/ is on sys.path
 
 from eplb_fsm import EplbConfig, EplbRuntime
 from eplb_fsm.testing import TaggedMoEModel, run_ranks
@@ -116,10 +116,10 @@ def main() -> None:
             for key, values in result.items():
                 merged.setdefault(key, []).extend(values)
         rows.append((world, merged))
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, gloo on CPU; "
+    print(f"machine: {cpu_line()} at the end; torch {torch.__version__}, gloo on CPU; "
           f"model {L} layers x {E} experts + {REDUNDANT} redundant; {args.steps} steps per "
           f"loop per rank, {args.forward_ms:g} ms forward; microseconds per step over all "
-          f"ranks; load average {os.getloadavg()[0]:.2f} at the end")
+          "ranks")
     head = (f"{'ranks':>5} {'loop':>28} {'steps':>6} {'p50 us':>8} {'p99 us':>9} "
             f"{'p50 vs baseline':>15}")
     print(head)

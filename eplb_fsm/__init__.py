@@ -1,7 +1,11 @@
 """eplb_fsm: expert-parallel load balancing with an explicit rebalance lifecycle.
 
-The public API lives here; everything else is in private modules (``_core``
-for the pure numpy core) so that internals can move without breaking users.
+The public API lives here and in the modules ``eplb_fsm.transfer`` (moving
+weights), ``eplb_fsm.testing`` (fake cluster, faults, launcher),
+``eplb_fsm.reference`` (reference model, traces), ``eplb_fsm.metrics``
+(Prometheus) and ``eplb_fsm.vllm`` (vLLM-shaped adapter). Everything else is in
+``_``-prefixed packages (``_core``, ``_adapters``, ``_runtime``, ``_edges``)
+so that internals can move without breaking users.
 """
 
 from ._adapters.interfaces import (

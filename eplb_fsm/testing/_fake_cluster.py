@@ -183,10 +183,18 @@ class _FakeMover:
     def __init__(self, cluster: FakeCluster, rank: int) -> None:
         self._cluster = cluster
         self._rank = rank
+        self.profiled: list[int] = []
 
     def prepare(self, old_physical_to_logical: npt.NDArray[np.int64],
                 new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int]) -> None:
         return None
+
+    def profile(self, expert_weights: Sequence[Sequence[torch.Tensor]],
+                layers_at_once: int = 1) -> int:
+        """Peak staging bytes of `layers_at_once` layers (every slot replaced)."""
+        self.profiled.append(layers_at_once)
+        return sum(t.numel() * t.element_size() for layer in expert_weights[:layers_at_once]
+                   for t in layer)
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],

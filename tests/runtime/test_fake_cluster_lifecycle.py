@@ -282,3 +282,12 @@ async def test_log_balancedness_logs_the_measured_figure(
         4 * skewed(), Placement.initial(L, E, E + 4), 4))
     np.testing.assert_allclose(measured["measured_last_logged"]["per_layer"], expected,
                                rtol=0.05)
+
+
+@pytest.mark.asyncio
+async def test_profile_step_allocates_peak_buffers_once_and_is_not_a_step() -> None:
+    cluster = make(layers_per_transfer=2)
+    rt = cluster.runtimes[0]
+    await rt.step(is_profile=True)
+    assert rt.step_count == 0
+    assert rt._mover.profiled == [2]  # type: ignore[attr-defined]

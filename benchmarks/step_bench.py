@@ -53,7 +53,8 @@ def _forward(ms: float) -> None:
         pass
 
 
-def _rank(rank: int, world: int, steps: int, forward_ms: float) -> dict[str, list[float]]:
+def _rank(rank: int, world: int, steps: int, forward_ms: float,
+          record_every: int | None) -> dict[str, list[float]]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(rank)
     loads = torch.from_numpy(rng.integers(0, 50, size=(16, L, E + REDUNDANT)))
@@ -79,15 +80,31 @@ def _rank(rank: int, world: int, steps: int, forward_ms: float) -> dict[str, lis
         return times, busy, launched
 
     idle_cfg = EplbConfig(window_size=100, step_interval=10**9,
-                          num_redundant_experts=REDUNDANT)
+                          num_redundant_experts=REDUNDANT, load_record_interval=record_every)
     idle, _, _ = asyncio.run(measure(idle_cfg, steps))
     flight_cfg = EplbConfig(window_size=100, step_interval=200, readiness_lag=4,
-                            num_redundant_experts=REDUNDANT)
+                            num_redundant_experts=REDUNDANT, load_record_interval=record_every)
     times, busy, launched = asyncio.run(measure(flight_cfg, steps))
     in_flight = [t for t, b in zip(times, busy, strict=True) if b]
     flight_launch = [t for t, b, x in zip(times, busy, launched, strict=True) if b and x]
     flight_other = [t for t, b, x in zip(times, busy, launched, strict=True) if b and not x]
 
+    async def noop() -> None:
+        return None
+
+    async def empty_steps() -> list[float]:
+        # The same loop with a coroutine that does nothing: what the process and
+        # machine cost a step right after the barrier, before the runtime does anything.
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            _forward(forward_ms)
+            start = time.perf_counter()
+            await noop()
+            times.append((time.perf_counter() - start) * 1e6)
+        return times
+
+    empty = asyncio.run(empty_steps())
     cpu_group = dist.new_group(backend="gloo")
     baseline = []
     for _ in range(steps):
@@ -97,7 +114,8 @@ def _rank(rank: int, world: int, steps: int, forward_ms: float) -> dict[str, lis
         flag = torch.ones(1, dtype=torch.int64)
         dist.all_reduce(flag, group=cpu_group)  # blocking, every step in flight
         baseline.append((time.perf_counter() - start) * 1e6)
-    return {"idle": idle, "in_flight": in_flight, "in_flight_launching": flight_launch,
+    return {"empty coroutine": empty, "idle": idle, "in_flight": in_flight,
+            "in_flight_launching": flight_launch,
             "in_flight_other": flight_other, "baseline": baseline}
 
 
@@ -105,12 +123,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--record-every", type=int, default=None,
+                        help="EplbConfig.load_record_interval (default: 1 on CPU)")
     parser.add_argument("--forward-ms", type=float, default=0.0,
                         help="busy compute standing in for the forward pass")
     args = parser.parse_args()
     rows = []
     for world in args.ranks:
-        results = run_ranks(_rank, world, args.steps, args.forward_ms, timeout=900)
+        results = run_ranks(_rank, world, args.steps, args.forward_ms, args.record_every,
+                            timeout=900)
         merged: dict[str, list[float]] = {}
         for result in results:
             for key, values in result.items():
@@ -118,15 +139,16 @@ def main() -> None:
         rows.append((world, merged))
     print(f"machine: {cpu_line()} at the end; torch {torch.__version__}, gloo on CPU; "
           f"model {L} layers x {E} experts + {REDUNDANT} redundant; {args.steps} steps per "
-          f"loop per rank, {args.forward_ms:g} ms forward; microseconds per step over all "
-          "ranks")
+          f"loop per rank, {args.forward_ms:g} ms forward, load_record_interval "
+          f"{args.record_every or 1}; microseconds per step over all ranks")
     head = (f"{'ranks':>5} {'loop':>28} {'steps':>6} {'p50 us':>8} {'p99 us':>9} "
             f"{'p50 vs baseline':>15}")
     print(head)
     print("-" * len(head))
     for world, merged in rows:
         base = float(np.median(merged["baseline"]))
-        for key in ("idle", "in_flight", "in_flight_launching", "in_flight_other", "baseline"):
+        for key in ("empty coroutine", "idle", "in_flight", "in_flight_launching",
+                    "in_flight_other", "baseline"):
             values = np.asarray(merged[key])
             if values.size == 0:
                 continue

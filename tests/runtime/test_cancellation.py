@@ -7,27 +7,19 @@ raised; every rank's history stays identical and the next step works.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import anyio
-import numpy as np
 import pytest
+from _cluster import make_cluster, skewed_load
 
-from eplb_fsm import EplbConfig
 from eplb_fsm.testing import FakeCluster
 
 L, E = 3, 12
-LOAD = np.stack([np.random.default_rng(0).permutation(np.arange(1, E + 1) ** 2)
-                 for _ in range(L)])
+LOAD = skewed_load(L, E)
 
 
 def make(**overrides: object) -> FakeCluster:
-    cfg = dict(window_size=10, step_interval=20, num_redundant_experts=4, readiness_lag=2,
-               peer_timeout_s=10.0)
-    cfg.update(overrides)
-    cluster = FakeCluster(4, EplbConfig(**cfg))  # type: ignore[arg-type]
-    cluster.add_model("main", num_layers=L, num_logical=E)
-    return cluster
+    return make_cluster(layers=L, experts=E, **overrides)
 
 
 def feed(cluster: FakeCluster) -> None:
@@ -47,14 +39,6 @@ async def advance_to_a_read(cluster: FakeCluster, phase: str, job_phase: str) ->
         feed(cluster)
         assert await cluster.step() == [None] * 4
     raise AssertionError(f"never reached a read in {phase}/{job_phase}")
-
-
-async def cancel_with_task(step: Callable[[], Awaitable[None]]) -> BaseException | None:
-    task = asyncio.ensure_future(step())
-    await asyncio.sleep(0.01)  # it is now polling a held round
-    task.cancel()
-    await asyncio.sleep(0.01)
-    return task  # type: ignore[return-value]
 
 
 @pytest.mark.asyncio

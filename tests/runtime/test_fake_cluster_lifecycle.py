@@ -6,25 +6,20 @@ import time
 
 import numpy as np
 import pytest
+from _cluster import make_cluster, skewed_load
 
-from eplb_fsm import EplbConfig, RebalanceFailed
+from eplb_fsm import RebalanceFailed
 from eplb_fsm.testing import FakeCluster
 
 L, E = 3, 12
 
 
 def skewed(seed: int = 0, layers: int = L, experts: int = E) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.permutation(np.arange(1, experts + 1) ** 2) for _ in range(layers)])
+    return skewed_load(layers, experts, seed)
 
 
 def make(num_ranks: int = 4, **overrides: object) -> FakeCluster:
-    cfg = dict(window_size=10, step_interval=20, num_redundant_experts=4, readiness_lag=2,
-               peer_timeout_s=30.0)
-    cfg.update(overrides)
-    cluster = FakeCluster(num_ranks, EplbConfig(**cfg))  # type: ignore[arg-type]
-    cluster.add_model("main", num_layers=L, num_logical=E)
-    return cluster
+    return make_cluster(num_ranks, layers=L, experts=E, **overrides)
 
 
 def feed_main(load: np.ndarray):  # type: ignore[no-untyped-def]

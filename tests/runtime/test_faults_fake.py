@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _cluster import make_cluster, skewed_load
 
-from eplb_fsm import EplbConfig, RebalanceFailed
+from eplb_fsm import RebalanceFailed
 from eplb_fsm.testing import FakeCluster
 
 L, E = 4, 12
@@ -14,17 +15,11 @@ INITIAL = np.arange(E + 4) % E
 
 
 def load(seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.permutation(np.arange(1, E + 1) ** 2) for _ in range(L)])
+    return skewed_load(L, E, seed)
 
 
 def make(**overrides: object) -> FakeCluster:
-    cfg = dict(window_size=10, step_interval=20, num_redundant_experts=4, readiness_lag=2,
-               peer_timeout_s=10.0)
-    cfg.update(overrides)
-    cluster = FakeCluster(4, EplbConfig(**cfg))  # type: ignore[arg-type]
-    cluster.add_model("main", num_layers=L, num_logical=E)
-    return cluster
+    return make_cluster(layers=L, experts=E, **overrides)
 
 
 async def run_until_failure(cluster: FakeCluster, steps: int = 100) -> list:

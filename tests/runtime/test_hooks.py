@@ -5,23 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import pytest
+from _cluster import make_cluster, skewed_load
 
-from eplb_fsm import EplbConfig, LifecycleEvent
+from eplb_fsm import LifecycleEvent
 from eplb_fsm.testing import FakeCluster
 
 L, E = 3, 12
-LOAD = np.stack([np.random.default_rng(0).permutation(np.arange(1, E + 1) ** 2)
-                 for _ in range(L)])
+LOAD = skewed_load(L, E)
 
 
 def make(**overrides: object) -> FakeCluster:
-    cfg = dict(window_size=10, step_interval=20, num_redundant_experts=4, readiness_lag=2)
-    cfg.update(overrides)
-    cluster = FakeCluster(2, EplbConfig(**cfg))  # type: ignore[arg-type]
-    cluster.add_model("main", num_layers=L, num_logical=E)
-    return cluster
+    return make_cluster(2, layers=L, experts=E, **overrides)
 
 
 @pytest.mark.asyncio

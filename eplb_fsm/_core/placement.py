@@ -46,10 +46,6 @@ class PlacementTensors(NamedTuple):
     replica_count: torch.Tensor
 
 
-def _as_int_matrix(name: str, value: Any) -> IntArray:
-    return as_id_array(name, value, 2)
-
-
 class Placement:
     """Expert placement of one model: `physical_to_logical` and its derived maps.
 
@@ -73,7 +69,7 @@ class Placement:
         *,
         allow_missing: bool = False,
     ) -> None:
-        p2l = _as_int_matrix("physical_to_logical", physical_to_logical)
+        p2l = as_id_array("physical_to_logical", physical_to_logical, 2)
         num_layers, num_physical = p2l.shape
         if num_layers < 1 or num_physical < 1:
             raise ValueError(
@@ -146,7 +142,7 @@ class Placement:
                 f"logical_to_physical must be 3-D [layers, logical, max_replicas], got {l2p.shape}"
             )
         placement = cls(physical_to_logical, l2p.shape[1], allow_missing=True)
-        rc = _as_int_matrix("replica_count", replica_count)
+        rc = as_id_array("replica_count", replica_count, 2)
         if rc.shape != placement.replica_count.shape or not np.array_equal(
             rc, placement.replica_count
         ):

@@ -182,10 +182,6 @@ def _slot_bytes(slot_bytes: int | Mapping[int, int], layer: int) -> int:
 # -- validation -------------------------------------------------------------------------
 
 
-def _as_ids(name: str, value: Any, ndim: int) -> IntArray:
-    return as_id_array(name, value, ndim)
-
-
 def _check_num_ranks(num_ranks: int, num_slots: int, name: str) -> None:
     if not isinstance(num_ranks, (int, np.integer)) or isinstance(num_ranks, bool) \
             or num_ranks < 1:
@@ -213,8 +209,8 @@ def check_maps(old_physical_to_logical: Any, new_physical_to_logical: Any,
     `num_ranks`; ids >= -1; every expert the new map places is held somewhere
     in the old map of the same layer (otherwise nobody can send it).
     """
-    old = _as_ids("old_physical_to_logical", old_physical_to_logical, 2)
-    new = _as_ids("new_physical_to_logical", new_physical_to_logical, 2)
+    old = as_id_array("old_physical_to_logical", old_physical_to_logical, 2)
+    new = as_id_array("new_physical_to_logical", new_physical_to_logical, 2)
     if old.shape != new.shape:
         raise ValueError(f"old_physical_to_logical has shape {old.shape} but "
                          f"new_physical_to_logical has shape {new.shape}; they must match")
@@ -247,8 +243,8 @@ def plan_layer(
     layer: int = 0,
 ) -> LayerPlan:
     """Plan one layer: `old_row` and `new_row` are its [P] `physical_to_logical` rows."""
-    old = _as_ids("old_physical_to_logical", old_row, 1)
-    new = _as_ids("new_physical_to_logical", new_row, 1)
+    old = as_id_array("old_physical_to_logical", old_row, 1)
+    new = as_id_array("new_physical_to_logical", new_row, 1)
     check_maps(old[None], new[None], num_ranks)
     _check_node_size(node_size)
     check_count("layer", layer, 0)
@@ -362,8 +358,8 @@ def _plan_row(old: IntArray, new: IntArray, num_ranks: int, node_size: int | Non
 def required_transfers(old_row: Sequence[int], new_row: Sequence[int], num_ranks: int) -> int:
     """The fewest expert transfers any plan needs for one layer (what the plan achieves):
     per rank, the distinct experts of its new slots it held nowhere in its old slots."""
-    old = _as_ids("old_physical_to_logical", old_row, 1)
-    new = _as_ids("new_physical_to_logical", new_row, 1)
+    old = as_id_array("old_physical_to_logical", old_row, 1)
+    new = as_id_array("new_physical_to_logical", new_row, 1)
     if old.shape != new.shape:
         raise ValueError(f"old_physical_to_logical has {old.shape[0]} slots but "
                          f"new_physical_to_logical has {new.shape[0]}; they must match")

@@ -9,7 +9,10 @@ layer was re-placed counts for the experts that were in those slots then.
 
 Reading the window is split in two so that no step waits for the device:
 `snapshot()` enqueues the sums and a non-blocking copy to host and records
-an event; `HostLoad.ready()` polls it; `HostLoad.logical()` maps to logical.
+an event; `HostLoad.logical()`, called ``readiness_lag`` steps later at an
+agreed step, maps to logical and waits on the event only if the copy is
+somehow not done yet (every rank must launch the load all-reduce at that
+step, so postponing on one rank is not an option).
 """
 
 from __future__ import annotations
@@ -50,11 +53,8 @@ class HostLoad:
         else:
             self._host = sums
 
-    def ready(self) -> bool:
-        return self._event is None or bool(self._event.query())
-
     def logical(self) -> npt.NDArray[np.int64]:
-        """[L, E] logical load of the window. Waits for the copy if not `ready()`."""
+        """[L, E] logical load of the window. Waits for the copy if it is not done."""
         if self._event is not None:
             self._event.synchronize()
         sums = self._host.numpy()

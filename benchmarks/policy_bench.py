@@ -49,6 +49,7 @@ from _machine import cpu_line
 
 import eplb_fsm
 from eplb_fsm import Placement, plan
+from eplb_fsm.reference import drift_load
 
 LAYERS, EXPERTS, TOKENS = 58, 256, 1_000_000
 EXPERT_BYTES = 3 * 7168 * 2048 * 2  # DeepSeek-V3 routed expert, bf16
@@ -64,22 +65,6 @@ def base_load(kind: str, rng: np.random.Generator) -> np.ndarray:
         zipf = 1.0 / np.arange(1, EXPERTS + 1) ** float(kind.split()[1])
         pop = np.stack([zipf[rng.permutation(EXPERTS)] for _ in range(LAYERS)])
     return pop / pop.sum(axis=1, keepdims=True) * TOKENS
-
-
-def drift(load: np.ndarray, rng: np.random.Generator, moved: float = 0.05) -> np.ndarray:
-    """Multiply every expert's load by exp(sigma z), sigma per layer such that
-    exactly `moved` of the load changes experts (total variation distance)."""
-    p = load / load.sum(axis=1, keepdims=True)
-    z = rng.standard_normal(p.shape)
-    lo, hi = np.zeros((p.shape[0], 1)), np.full((p.shape[0], 1), 4.0)
-    for _ in range(50):  # bisection on sigma
-        mid = (lo + hi) / 2
-        q = p * np.exp(mid * z)
-        q /= q.sum(axis=1, keepdims=True)
-        small = 0.5 * np.abs(q - p).sum(axis=1, keepdims=True) < moved
-        lo, hi = np.where(small, mid, lo), np.where(small, hi, mid)
-    q = p * np.exp(hi * z)
-    return q / q.sum(axis=1, keepdims=True) * load.sum(axis=1, keepdims=True)
 
 
 def remote_slots(old: Placement, new: Placement, ranks: int) -> int:
@@ -128,7 +113,7 @@ def run_case(kind: str, slots: int, ranks: int, nodes: int, rebalances: int,
     first = base_load(kind, rng)
     sequence = [first]
     for _ in range(rebalances):
-        sequence.append(drift(sequence[-1], rng))
+        sequence.append(drift_load(sequence[-1], rng))
     start = plan(first, slots, 1, nodes, ranks)
     rows = []
     for name, planner in planners(slots, ranks, nodes).items():

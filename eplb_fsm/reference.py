@@ -11,7 +11,7 @@ the same model and traces against their own integration:
 """
 
 from ._edges.moe import DenseMoE, MoEConfig, ReferenceMoE, expert_weights_for, sample_tokens
-from ._edges.traces import LoadTrace, RecordedTrace, SyntheticTrace, save_loads
+from ._edges.traces import LoadTrace, RecordedTrace, SyntheticTrace, drift_load, save_loads
 
 __all__ = [
     "DenseMoE",
@@ -20,6 +20,7 @@ __all__ = [
     "RecordedTrace",
     "ReferenceMoE",
     "SyntheticTrace",
+    "drift_load",
     "expert_weights_for",
     "sample_tokens",
     "save_loads",

@@ -41,7 +41,7 @@ import numpy.typing as npt
 
 from .files import LOAD_SUFFIXES, read_load
 
-__all__ = ["LoadTrace", "RecordedTrace", "SyntheticTrace", "save_loads"]
+__all__ = ["LoadTrace", "RecordedTrace", "SyntheticTrace", "drift_load", "save_loads"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -326,3 +326,27 @@ def save_loads(path: str | Path, loads: npt.ArrayLike) -> None:
     else:
         raise ValueError(f"load file {path}: unknown suffix {suffix!r}; use one of "
                          f"{', '.join(LOAD_SUFFIXES)}")
+
+
+def drift_load(load: npt.ArrayLike, rng: np.random.Generator,
+               moved: float = 0.05) -> FloatArray:
+    """`load` [L, E] after a slow drift: every expert's load times exp(sigma z),
+    sigma chosen per layer (by bisection) so that `moved` of each layer's load
+    changes experts (total variation distance); layer totals are kept."""
+    arr = np.asarray(load, dtype=np.float64)
+    if arr.ndim != 2 or np.any(arr.sum(axis=1) <= 0):
+        raise ValueError("load must be 2-D [layers, experts] with a positive total per layer")
+    if not 0 <= moved <= 1:
+        raise ValueError(f"moved must be in [0, 1], got {moved!r}")
+    p = arr / arr.sum(axis=1, keepdims=True)
+    z = rng.standard_normal(p.shape)
+    lo, hi = np.zeros((p.shape[0], 1)), np.full((p.shape[0], 1), 4.0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        q = p * np.exp(mid * z)
+        q /= q.sum(axis=1, keepdims=True)
+        small = 0.5 * np.abs(q - p).sum(axis=1, keepdims=True) < moved
+        lo, hi = np.where(small, mid, lo), np.where(small, hi, mid)
+    q = p * np.exp(hi * z)
+    out: FloatArray = q / q.sum(axis=1, keepdims=True) * arr.sum(axis=1, keepdims=True)
+    return out

@@ -15,6 +15,7 @@ import eplb_fsm
 from eplb_fsm import Placement, plan
 from eplb_fsm._core import planning
 from eplb_fsm._core.relabel import relabel
+from eplb_fsm.reference import drift_load
 
 
 def bal(load: np.ndarray, p: Placement, ranks: int) -> float:
@@ -139,21 +140,6 @@ def test_incremental_stays_within_tolerance(case: dict, tolerance: float, ref: s
         assert got == old  # good enough already: no move at all
 
 
-def _drift(load: np.ndarray, rng: np.random.Generator, frac: float = 0.05) -> np.ndarray:
-    """Every expert's load times exp(sigma z), sigma set so `frac` of the load moves."""
-    p = load / load.sum(axis=1, keepdims=True)
-    z = rng.standard_normal(p.shape)
-    lo, hi = np.zeros((p.shape[0], 1)), np.full((p.shape[0], 1), 4.0)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        q = p * np.exp(mid * z)
-        q /= q.sum(axis=1, keepdims=True)
-        small = 0.5 * np.abs(q - p).sum(axis=1, keepdims=True) < frac
-        lo, hi = np.where(small, mid, lo), np.where(small, hi, mid)
-    q = p * np.exp(lo * z)
-    return q / q.sum(axis=1, keepdims=True) * load.sum(axis=1, keepdims=True)
-
-
 def _skewed(rng: np.random.Generator, layers: int = 6, experts: int = 64) -> np.ndarray:
     pop = 1.0 / np.arange(1, experts + 1)
     return np.stack([pop[rng.permutation(experts)] for _ in range(layers)]) * 1e5
@@ -166,7 +152,7 @@ def test_incremental_moves_a_fraction_of_what_default_moves_on_drift() -> None:
     old_default = old_incr = plan(load, **shape)
     moved_default = moved_incr = 0
     for _ in range(5):
-        load = _drift(load, rng)
+        load = drift_load(load, rng)
         new_default = plan(load, **shape)
         new_incr = plan(load, **shape, policy="incremental", old_placement=old_incr)
         assert bal(load, new_incr, 16) >= bal(load, new_default, 16) - 0.005
@@ -180,7 +166,7 @@ def test_minimize_moves_keeps_most_experts_after_a_small_drift() -> None:
     rng = np.random.default_rng(8)
     load = _skewed(rng)
     old = plan(load, 80, num_ranks=16, num_nodes=2)
-    load = _drift(load, rng, 0.01)
+    load = drift_load(load, rng, 0.01)
     plain = plan(load, 80, num_ranks=16, num_nodes=2)
     moved = plan(load, 80, num_ranks=16, num_nodes=2, old_placement=old, minimize_moves=True)
     assert moved.slots_changed(old) < 0.8 * plain.slots_changed(old)

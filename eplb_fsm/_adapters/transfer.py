@@ -106,6 +106,9 @@ class _InFlight:
         except BaseException as exc:  # reported to the caller by `StagedLayers.ready`
             self.error = exc
         finally:
+            # The transfer is over: let go of its works and buffers now, not when
+            # this thread object is finally collected (it may linger a while).
+            self.works, self.buffers = [], []
             self._finished.set()
 
     def done(self) -> bool:

@@ -7,10 +7,12 @@ redundant slot per rank, every layer drawn independently: close to the 94% of
 slots a from-scratch re-plan changes). For one layer and for several layers
 batched into one stage, it times:
 
-- ``TransferEngine``: `stage()` until `ready()` polls true (local copies,
-  staging allocation and the one ``batch_isend_irecv``), then `commit()`
-  separately;
-- ``TransferEngine coalesce``: the same with one packed message per peer;
+- ``TransferEngine``: `stage()` until `ready()` polls true (allocation,
+  packing one message per peer, the ``batch_isend_irecv`` launch, local
+  copies), then `commit()` separately; "+plan" plans inside the timed
+  `stage()`, "prepared" uses `prepare()` as the runtime does (in its planning
+  thread), "N pieces" launches each message in N pieces so packing overlaps
+  sending;
 - the bound: a plain ``batch_isend_irecv`` of the same bytes between the same
   rank pairs, one preallocated contiguous message per pair.
 
@@ -64,6 +66,7 @@ class Row:
     commit_ms: float | None = None
     ready_us: float | None = None  # mean cost of one ready() poll
     prepare_ms: float | None = None  # the plan, computed before the timed stage()
+    stage_ms: float | None = None  # host time until stage() returns (median, slowest rank)
 
 
 # -- setup -----------------------------------------------------------------------------------
@@ -147,9 +150,11 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
 
 
 def engine_run(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layers: list[int],
-               weights: list[list[torch.Tensor]], polls: list[float],
+               weights: list[list[torch.Tensor]], polls: list[float], stages: list[float],
                prepared: Any = None) -> None:
+    start = time.perf_counter()
     handle = engine.stage(old, new, layers, weights, prepared)
+    stages.append(time.perf_counter() - start)
     n, start = 0, time.perf_counter()
     while not handle.ready():
         n += 1
@@ -216,21 +221,23 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
                         mean_mb / 1e3 / bound_s, 100.0))
         # The runtime prepares each batch's plan in its planning thread, so the
         # agreed step only launches; "+plan" rows plan inside the timed stage().
-        for coalesce, prepare in ((False, False), (False, True), (True, True)):
-            eng = TransferEngine(coalesce=coalesce)
+        for pieces, prepare in [(1, False)] + [(p, True) for p in args["pieces"]]:
+            eng = TransferEngine(pieces=pieces)
             polls: list[float] = []
+            stages: list[float] = []
             start = time.perf_counter()
             prepared = eng.prepare(old, new, layers) if prepare else None
             prepare_s = _slowest(time.perf_counter() - start, device)
-            took = _timed(partial(engine_run, eng, old, new, layers, weights, polls, prepared),
-                          device, warmup, repeats)
+            took = _timed(partial(engine_run, eng, old, new, layers, weights, polls, stages,
+                                  prepared), device, warmup, repeats)
+            stage_s = _slowest(statistics.median(stages[warmup:]), device)
             commit_s = _commit_time(eng, old, new, layers, weights, device, warmup, repeats)
-            name = ("TransferEngine" + (" coalesce" if coalesce else "")
+            name = (f"TransferEngine, {pieces} piece{'s' if pieces > 1 else ''}"
                     + (" (prepared)" if prepare else " +plan"))
             rows.append(Row(count, name, mean_mb, took * 1e3, mean_mb / 1e3 / took,
                             100.0 * bound_s / took, commit_s * 1e3,
                             _mean(statistics.mean(polls), device) * 1e6,
-                            prepare_s * 1e3 if prepare else None))
+                            prepare_s * 1e3 if prepare else None, stage_s * 1e3))
     return [asdict(r) for r in rows]
 
 
@@ -289,15 +296,17 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
         "GB/s per rank = mean bytes received per rank / time",
         "",
         f"{'layers':>6}  {'method':<36} {'MB/rank':>9} {'ms':>9} {'GB/s/rank':>10} "
-        f"{'% bound':>8} {'commit ms':>10} {'ready() us':>10} {'plan ms':>8}",
+        f"{'% bound':>8} {'commit ms':>10} {'ready() us':>10} {'plan ms':>8} "
+        f"{'stage() ms':>10}",
     ]
     for r in rows:
         commit = f"{r['commit_ms']:10.2f}" if r["commit_ms"] is not None else f"{'':>10}"
         ready = f"{r['ready_us']:10.2f}" if r["ready_us"] is not None else f"{'':>10}"
         prep = f"{r['prepare_ms']:8.2f}" if r["prepare_ms"] is not None else f"{'':>8}"
+        host = f"{r['stage_ms']:10.2f}" if r["stage_ms"] is not None else f"{'':>10}"
         lines.append(f"{r['layers']:>6}  {r['method']:<36} {r['mb_per_rank']:9.1f} "
                      f"{r['ms']:9.2f} {r['gbps_per_rank']:10.1f} {r['pct_of_bound']:8.1f} "
-                     f"{commit} {ready} {prep}")
+                     f"{commit} {ready} {prep} {host}")
     return "\n".join(lines)
 
 
@@ -312,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 10 (2 dry)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2],
+                        help="pieces per message to measure, prepared (default: 1 2)")
     parser.add_argument("--dry-run", action="store_true",
                         help="gloo on CPU with tiny tensors: a smoke test of the script")
     ns = parser.parse_args(argv)
@@ -323,9 +334,10 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": ns.repeats or (2 if ns.dry_run else 10),
         "warmup": ns.warmup if not ns.dry_run else min(ns.warmup, 1),
         "seed": ns.seed,
+        "pieces": sorted(set(ns.pieces)),
     }
-    if min(args["layers"]) < 1 or args["slots"] < 2:
-        parser.error("--layers must be >= 1 and --slots >= 2")
+    if min(args["layers"]) < 1 or args["slots"] < 2 or min(args["pieces"]) < 1:
+        parser.error("--layers and --pieces must be >= 1 and --slots >= 2")
 
     if "LOCAL_RANK" in os.environ:  # under torchrun: this process is one rank
         dist.init_process_group(args["backend"])

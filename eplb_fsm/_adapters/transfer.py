@@ -9,16 +9,23 @@ Why it is shaped this way:
   copies go through the staging buffer too: a slot may be overwritten by the
   same commit that reads it (two slots trading experts), so every source is
   read before anything is written.
-- **One batch per stage.** All receives, sends and layers of one `stage()`
-  call go into a single ``batch_isend_irecv`` (on NCCL: one grouped launch),
-  because bandwidth grows with the amount in flight (see DESIGN.md: ~110-160
-  GB/s per rank at 44 MB messages, ~330 GB/s at 704 MB on H200s). Each rank's
-  receives land in one contiguous buffer, grouped by source rank.
+- **One message per peer, packed.** Everything a rank sends to one peer is
+  packed into one send buffer and goes as one message, received straight
+  into the peer's staging buffer (layout: `_core.transfer_schedule`). NCCL
+  pays a fixed cost per operation (84 per-tensor messages: 5.5 ms, one per
+  pair: 3.5 ms, H200s), and bandwidth grows with the amount in flight
+  (DESIGN.md: ~110-160 GB/s per rank at 44 MB, ~330 GB/s at 704 MB). The
+  pack is a device copy at HBM speed, about a tenth of the NVLink time.
+- **The agreed step only launches.** The schedule (who sends what, in which
+  order, at which offset) is computed by `prepare()` in the runtime's planning
+  thread. `stage()` allocates, packs, launches, then queues the local copies
+  *behind* the launch so they overlap the network, not delay it. With
+  ``pieces > 1`` packing piece k+1 also overlaps sending piece k.
 - **Never block the serving loop.** On GPU the copies and the launch run on a
   side stream that first waits on the current one, the side stream then waits
   on the NCCL work, and an event is recorded; `ready()` only asks
-  ``Event.query()`` and ``Work.is_completed()``. On CPU (gloo), local copies
-  are plain memcpys done at stage time and the sends/receives run on gloo's
+  ``Event.query()`` and ``Work.is_completed()``. On CPU (gloo), copies are
+  plain memcpys done at stage time and the sends/receives run on gloo's
   threads; gloo's send/recv work only notices its own completion inside
   ``wait()``, so a daemon thread waits and `ready()` reads its flag.
 - **NCCL's first-use rule.** ``batch_isend_irecv`` on NCCL requires every
@@ -28,250 +35,43 @@ Why it is shaped this way:
   engine runs one tiny all-reduce on the group the first time it stages on
   NCCL (or when `warm_up()` is called), creating the communicator on every
   rank; afterwards idle ranks simply skip the batch.
-- **Sends read the live weights directly** (no copy). That is safe because
-  `ready()` covers this rank's sends as well as its receives, and the
-  protocol commits only once every rank is ready, so no slot is overwritten
-  while a peer still reads it. With ``coalesce=True`` a rank instead packs
-  everything for one peer into one buffer and sends it as one message (more
-  memory, fewer and larger messages); every rank must use the same setting.
+- **Sends are safe to read until every rank is ready.** `ready()` covers this
+  rank's sends as well as its receives, and the protocol commits only once
+  every rank is ready, so no live slot is overwritten while it is packed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import numpy as np
 import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
-from .._core.transfer_plan import RankPlan, Transfer, TransferPlan, check_maps, plan_layers
+from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
+from .._core.transfer_schedule import RankSchedule, aligned, schedule
+from .staged import InFlight, StagedLayers, Weights, slot_nbytes, typed_view
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
 
-__all__ = ["StagedLayers", "TransferEngine"]
-
-_ALIGN = 256  # bytes; staging items start aligned so typed views and DMA stay fast
-Weights = Sequence[Sequence[torch.Tensor]]
+__all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+@dataclass(frozen=True)
+class PreparedTransfer:
+    """What `TransferEngine.prepare` returns: the plan and this rank's schedule."""
 
-
-def _slot_nbytes(weight: torch.Tensor) -> int:
-    return math.prod(weight.shape[1:]) * weight.element_size()
-
-
-def _typed_view(buffer: torch.Tensor, offset: int, nbytes: int,
-                like: torch.Tensor) -> torch.Tensor:
-    """The `nbytes` at `offset` of `buffer` seen as one slot of `like` (dtype, shape)."""
-    return buffer[offset:offset + nbytes].view(like.dtype).view(like.shape[1:])
-
-
-class _InFlight:
-    """Launched work and what must stay alive until it is done (see `release`).
-
-    On GPU, completion is ``Work.is_completed()`` plus the side stream's event.
-    Gloo's send/recv work, however, reports ``is_completed() == False`` until
-    someone calls ``wait()`` on it (measured with torch 2.13: the data had
-    long arrived), has no future, and a ``wait(timeout)`` that expires closes
-    the connection. So on CPU one daemon thread per stage calls ``wait()``
-    (gloo releases the GIL there) and `done()` reads its flag.
-    """
-
-    def __init__(self, works: list[Any], event: torch.cuda.Event | None,
-                 buffers: list[torch.Tensor]) -> None:
-        self.works = works
-        self.event = event
-        self.buffers = buffers
-        self.error: BaseException | None = None
-        self._finished: threading.Event | None = None
-        if event is None and works:
-            self._finished = threading.Event()
-            threading.Thread(target=self._wait_all, name="eplb-transfer-wait",
-                             daemon=True).start()
-
-    def _wait_all(self) -> None:
-        assert self._finished is not None
-        try:
-            for work in self.works:
-                work.wait()
-        except BaseException as exc:  # reported to the caller by `StagedLayers.ready`
-            self.error = exc
-        finally:
-            # The transfer is over: let go of its works and buffers now, not when
-            # this thread object is finally collected (it may linger a while).
-            self.works, self.buffers = [], []
-            self._finished.set()
-
-    def done(self) -> bool:
-        if self._finished is not None:
-            return self._finished.is_set()
-        if not all(work.is_completed() for work in self.works):
-            return False
-        return self.event is None or bool(self.event.query())
-
-    def block(self) -> None:
-        if self._finished is not None:
-            self._finished.wait()
-        elif self.event is not None:
-            self.event.synchronize()
-
-
-class StagedLayers:
-    """The `StagedTransfer` handle `TransferEngine.stage` returns.
-
-    Holds the staging buffer of one or more layers. `commit` accepts an
-    optional subset of layers, so several layers staged in one batch can be
-    committed one per agreed step.
-    """
-
-    def __init__(self, engine: TransferEngine, plan: TransferPlan, expert_weights: Weights,
-                 device: torch.device, inflight: _InFlight,
-                 items: dict[tuple[int, int], list[torch.Tensor]],
-                 bytes_received: int, staging_bytes: int) -> None:
-        self._engine = engine
-        self._plan = plan
-        self._weights = expert_weights
-        self._device = device
-        self._inflight: _InFlight | None = inflight
-        self._items = items  # (layer, expert) -> one staged view per weight tensor
-        self._bytes_received = bytes_received
-        self._staging_bytes = staging_bytes
-        self._committed: set[int] = set()
-        self._released = False
-        self._completed = False
-
-    # -- the StagedTransfer protocol -----------------------------------------------------
+    plan: TransferPlan
+    schedule: RankSchedule
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return self._plan.layers
-
-    @property
-    def bytes_received(self) -> int:
-        """Bytes this rank receives from peers for these layers (local copies excluded)."""
-        return self._bytes_received
-
-    def ready(self) -> bool:
-        """True once this rank's receives, sends and local copies are complete.
-
-        Never blocks: on GPU it polls ``Work.is_completed()`` and ``Event.query()``;
-        on CPU it reads the flag of the thread waiting on gloo. Raises if the
-        transfer failed (say, a peer died).
-        """
-        if self._released:
-            raise RuntimeError("ready() after release(): this staged transfer was dropped")
-        if self._completed:
-            return True
-        assert self._inflight is not None
-        if not self._inflight.done():
-            return False
-        if self._inflight.error is not None:
-            raise RuntimeError(f"the transfer of layers {self.layers} failed on rank "
-                               f"{self._engine.rank}") from self._inflight.error
-        self._completed = True
-        return True
-
-    def commit(self, layers: Iterable[int] | None = None) -> None:
-        """Copy the staged slots of `layers` (default: all not yet committed) into the
-        live weights. Call only once every rank is `ready()` for these layers.
-
-        On GPU the copies run on the current stream after it waits on the
-        staging event; the host does not wait. Only the slots the plan writes
-        are touched; unchanged and vacated slots are not.
-        """
-        if self._released:
-            raise RuntimeError("commit() after release(): the staging buffers are gone")
-        chosen = self._pending() if layers is None else tuple(layers)
-        if not chosen:
-            return
-        if len(set(chosen)) != len(chosen):
-            raise ValueError(f"layers {chosen} names a layer twice")
-        for layer in chosen:
-            if layer not in self._plan.layers:
-                raise ValueError(f"layers holds {layer!r}, which was not staged "
-                                 f"(staged: {self._plan.layers})")
-            if layer in self._committed:
-                raise ValueError(f"layer {layer} is already committed")
-        if not self.ready():
-            raise RuntimeError("commit() before ready(): the staged weights are incomplete")
-        assert self._inflight is not None
-        stream = None
-        if self._device.type == "cuda":
-            stream = torch.cuda.current_stream(self._device)
-            if self._inflight.event is not None:
-                stream.wait_event(self._inflight.event)
-        rank = self._engine.rank
-        with torch.no_grad():
-            for layer in chosen:
-                self._commit_layer(self._plan[layer].ranks[rank])
-                self._committed.add(layer)
-        if stream is not None:
-            for buffer in self._inflight.buffers:
-                buffer.record_stream(stream)  # reused only after these copies ran
-        if not self._pending():
-            self._drop()
-
-    def release(self) -> None:
-        """Drop the staging buffers without touching the live weights (abort path).
-
-        If the transfers are still running, the engine keeps the buffers alive
-        until they finish (peers will still write into them); nothing here waits.
-        """
-        if self._released:
-            return
-        self._released = True
-        if self._inflight is not None and not self._completed and not self._inflight.done():
-            self._engine._keep_until_done(self._inflight)
-        self._drop()
-
-    # -- helpers beyond the protocol -------------------------------------------------------
-
-    @property
-    def plan(self) -> TransferPlan:
-        return self._plan
-
-    @property
-    def staging_bytes(self) -> int:
-        """Bytes of staging memory this handle holds (receive and local-copy buffers)."""
-        return self._staging_bytes
-
-    async def wait(self, poll_interval: float = 0.0005) -> None:
-        """Await `ready()` by polling it every `poll_interval` seconds (anyio)."""
-        while not self.ready():
-            await anyio.sleep(poll_interval)
-
-    def wait_blocking(self) -> None:
-        """Block the calling thread until `ready()` (the synchronous path only)."""
-        if self._released:
-            raise RuntimeError("wait_blocking() after release()")
-        if self._inflight is not None and not self._completed:
-            self._inflight.block()
-        self.ready()
-
-    def _pending(self) -> tuple[int, ...]:
-        return tuple(layer for layer in self._plan.layers if layer not in self._committed)
-
-    def _commit_layer(self, rank_plan: RankPlan) -> None:
-        weights = self._weights[rank_plan.layer]
-        fills = ([(c.dst_slot, c.expert) for c in rank_plan.local_copies]
-                 + [(t.dst_slot, t.expert) for t in rank_plan.receives]
-                 + [(d.dst_slot, d.expert) for d in rank_plan.duplicates])
-        for slot, expert in fills:
-            for weight, staged in zip(weights, self._items[(rank_plan.layer, expert)], strict=True):
-                weight[slot].copy_(staged)
-
-    def _drop(self) -> None:
-        self._inflight = None
-        self._items = {}
+        return self.plan.layers
 
 
 class TransferEngine:
@@ -283,41 +83,47 @@ class TransferEngine:
     ``torch.cuda.set_device`` first (torch requires it for batched P2P).
 
     `node_size` (ranks per node) makes the plan prefer same-node senders.
-    `coalesce` packs each peer's sends into one message (see module docstring).
+    `pieces` splits each peer's message into that many launches so that
+    packing overlaps sending (see `_core.transfer_schedule`); every rank of
+    the group must use the same value.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  device: torch.device | str | None = None, node_size: int | None = None,
-                 coalesce: bool = False) -> None:
+                 pieces: int = 1) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TransferEngine needs an initialized torch.distributed "
                                "process group (dist.init_process_group)")
         if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
             raise ValueError(f"node_size must be a positive int or None, got {node_size!r}")
+        if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
+            raise ValueError(f"pieces must be a positive int, got {pieces!r}")
         self._group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self._device = torch.device(device) if device is not None else None
         self._node_size = node_size
-        self._coalesce = bool(coalesce)
+        self._pieces = pieces
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._warm = False
-        self._draining: list[_InFlight] = []
+        self._draining: list[InFlight] = []
 
     # -- the WeightMover protocol ----------------------------------------------------------
 
     def prepare(self, old_physical_to_logical: npt.NDArray[np.int64],
                 new_physical_to_logical: npt.NDArray[np.int64],
-                layers: Sequence[int]) -> TransferPlan:
-        """The transfer plan of `layers`, for `stage(prepared=...)`.
+                layers: Sequence[int]) -> PreparedTransfer:
+        """The transfer plan of `layers` and this rank's schedule, for
+        `stage(prepared=...)`.
 
         Pure and thread-safe: the runtime calls it in its planning thread, so
         the agreed staging step only launches work. Planning a DeepSeek-V3
         layer costs about 1 ms of Python, which would otherwise sit on the
         serving thread before every launch.
         """
-        return plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
+        plan = plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
                            layers, node_size=self._node_size)  # validates the maps
+        return PreparedTransfer(plan, schedule(plan, self.rank, self._pieces))
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
@@ -329,17 +135,18 @@ class TransferEngine:
         `prepared` is what `prepare` returned for the same maps and layers.
         """
         if prepared is None:
-            plan = self.prepare(old_physical_to_logical, new_physical_to_logical, layers)
-        elif isinstance(prepared, TransferPlan) and prepared.layers == tuple(layers) \
-                and prepared.num_ranks == self.world_size:
-            plan = prepared
-        else:
-            raise ValueError(f"prepared must be this engine's plan of layers {tuple(layers)}")
+            prepared = self.prepare(old_physical_to_logical, new_physical_to_logical, layers)
+        elif not (isinstance(prepared, PreparedTransfer) and prepared.layers == tuple(layers)
+                  and prepared.plan.num_ranks == self.world_size
+                  and prepared.schedule.rank == self.rank
+                  and prepared.schedule.pieces == self._pieces):
+            raise ValueError(f"prepared must be this engine's prepare() of layers "
+                             f"{tuple(layers)}")
         device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
-                                    plan.layers)
+                                    prepared.layers)
         self._prune()
         with torch.no_grad():
-            return self._launch(plan, expert_weights, device)
+            return self._launch(prepared.schedule, expert_weights, device)
 
     # -- the rest of the public surface ------------------------------------------------------
 
@@ -408,8 +215,9 @@ class TransferEngine:
         `layers_at_once` layers; transfer nothing. Returns those bytes.
 
         Worst case per layer: every local slot changes to a distinct expert
-        (duplicates need no staging). With ``coalesce=True`` add the send
-        buffer: each other rank may want each local expert. On GPU the memory
+        (duplicates need no staging), and the send buffer holds one packed
+        copy per slot of every other rank (each may be filled from this
+        rank: a hot expert replicated everywhere). On GPU the memory
         is allocated on the side stream `stage` uses, so the caching allocator
         keeps it reserved for it. Local, not collective.
         """
@@ -420,10 +228,10 @@ class TransferEngine:
         num_local = expert_weights[0][0].shape[0] if expert_weights[0] else 0
         self.check_weights(expert_weights, (len(expert_weights), num_local * self.world_size))
         device = self._resolve_device(expert_weights)
-        per_layer = sorted((num_local * sum(_aligned(_slot_nbytes(w)) for w in layer)
+        per_layer = sorted((num_local * sum(aligned(slot_nbytes(w)) for w in layer)
                             for layer in expert_weights), reverse=True)
         receive = sum(per_layer[:layers_at_once])
-        send = receive * (self.world_size - 1) if self._coalesce else 0
+        send = receive * (self.world_size - 1)
         with self._on_side_stream(device):
             buffers = [torch.empty(n, dtype=torch.uint8, device=device)
                        for n in (receive, send) if n]
@@ -477,120 +285,62 @@ class TransferEngine:
         stream.wait_stream(torch.cuda.current_stream(device))
         return torch.cuda.stream(stream)
 
-    def _keep_until_done(self, inflight: _InFlight) -> None:
+    def _keep_until_done(self, inflight: InFlight) -> None:
         self._draining.append(inflight)
 
     def _prune(self) -> None:
         self._draining = [f for f in self._draining if not f.done()]
 
-    def _launch(self, plan: TransferPlan, expert_weights: Weights,
+    def _launch(self, sched: RankSchedule, expert_weights: Weights,
                 device: torch.device) -> StagedLayers:
-        rank = self.rank
-        # Receives grouped by source rank; a stable sort keeps the plan's (layer,
-        # dst slot) order within each source, the order the sender uses too.
-        receives = sorted(plan.receives(rank), key=lambda t: t.src_rank)
-        sends = sorted(plan.sends(rank), key=lambda t: t.dst_rank)
-        copies: list[tuple[int, int, int]] = []  # (layer, expert, src slot), once per expert
-        for rank_plan in plan.rank_plans(rank):
-            seen: set[int] = set()
-            for c in rank_plan.local_copies:
-                if c.expert not in seen:
-                    seen.add(c.expert)
-                    copies.append((rank_plan.layer, c.expert, c.src_slot))
-
-        # Bytes of one slot of each tensor, and of one expert (aligned), per layer.
-        nbytes = {layer: [_slot_nbytes(w) for w in expert_weights[layer]]
-                  for layer in plan.layers}
-        stride = {layer: sum(_aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
-
-        # Layout of the staging buffer: receives by source, then local copies.
-        offsets: list[tuple[int, int, int]] = []  # (layer, expert, offset)
-        cursor = 0
-        peer_spans: dict[int, list[int]] = {}
-        for t in receives:
-            span = peer_spans.setdefault(t.src_rank, [cursor, cursor])
-            offsets.append((t.layer, t.expert, cursor))
-            cursor += stride[t.layer]
-            span[1] = cursor
-        received = sum(sum(nbytes[t.layer]) for t in receives)
-        for layer, expert, _ in copies:
-            offsets.append((layer, expert, cursor))
-            cursor += stride[layer]
-        staging_bytes = cursor
-
+        nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
+                  for layer in sched.layers}
+        layout = sched.layout({layer: sum(aligned(n) for n in sizes)
+                               for layer, sizes in nbytes.items()})
+        received = sum(sum(nbytes[t.layer]) for items in sched.receives.values()
+                       for t in items)
+        works: list[Any] = []
         with self._on_side_stream(device):
             if device.type == "cuda":
                 self.warm_up(device)
-            staging = torch.empty(staging_bytes, dtype=torch.uint8, device=device)
-            items: dict[tuple[int, int], list[torch.Tensor]] = {}
-            for layer, expert, offset in offsets:
-                views, at = [], offset
-                for weight, n in zip(expert_weights[layer], nbytes[layer], strict=True):
-                    views.append(_typed_view(staging, at, n, weight))
-                    at += _aligned(n)
-                items[(layer, expert)] = views
-            for layer, expert, src_slot in copies:
-                for weight, view in zip(expert_weights[layer], items[(layer, expert)], strict=True):
-                    view.copy_(weight[src_slot], non_blocking=True)
-
-            ops: list[dist.P2POp] = []
-            buffers = [staging]
-            if self._coalesce:
-                for src, (begin, end) in peer_spans.items():
-                    if end > begin:
-                        ops.append(self._op(dist.irecv, staging[begin:end], src))
-                packed = self._pack(sends, expert_weights, nbytes, stride, device)
-                buffers.extend(packed.values())
-                for dst, buffer in packed.items():
-                    ops.append(self._op(dist.isend, buffer, dst))
-            else:
-                for t in receives:
-                    for view in items[(t.layer, t.expert)]:
-                        if view.numel():
-                            ops.append(self._op(dist.irecv, view, t.src_rank))
-                for t in sends:
-                    for weight in expert_weights[t.layer]:
-                        source = weight[t.src_slot]
-                        if source.numel():
-                            if not source.is_contiguous():
-                                source = source.contiguous()
-                                buffers.append(source)  # alive until the send is done
-                            ops.append(self._op(dist.isend, source, t.dst_rank))
-            # torch rejects an empty list; an idle rank simply has no work to wait for.
-            works = list(dist.batch_isend_irecv(ops)) if ops else []
+            staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
+            packed = torch.empty(layout.send_bytes, dtype=torch.uint8, device=device)
+            done = 0
+            for piece, upto in enumerate(layout.packed_per_piece):
+                for offset, layer, src_slot in layout.packed[done:upto]:
+                    self._copy_slot(packed, offset, expert_weights[layer], src_slot,
+                                    nbytes[layer])
+                done = upto
+                ops = [self._op(dist.irecv, staging[begin:end], src)
+                       for src, begin, end in layout.recv_spans[piece]]
+                ops += [self._op(dist.isend, packed[begin:end], dst)
+                        for dst, begin, end in layout.send_spans[piece]]
+                # torch rejects an empty list; an idle rank simply has nothing to wait for.
+                if ops:
+                    works.extend(dist.batch_isend_irecv(ops))
+            # Behind the launch, so these device copies overlap the network.
+            for offset, layer, src_slot in layout.copies:
+                self._copy_slot(staging, offset, expert_weights[layer], src_slot, nbytes[layer])
             event = None
             if device.type == "cuda":
                 for work in works:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
                 event.record()
-        inflight = _InFlight(works, event, buffers)
-        return StagedLayers(self, plan, expert_weights, device, inflight, items, received,
-                            staging_bytes)
+        inflight = InFlight(works, event, [packed])
+        return StagedLayers(sched, expert_weights, device, inflight, staging,
+                            dict(layout.staging), received, self._keep_until_done)
+
+    @staticmethod
+    def _copy_slot(buffer: torch.Tensor, offset: int, weights: Sequence[torch.Tensor],
+                   slot: int, nbytes: Sequence[int]) -> None:
+        """Copy local `slot` of every tensor of one layer into `buffer` at `offset`."""
+        for weight, n in zip(weights, nbytes, strict=True):
+            typed_view(buffer, offset, n, weight).copy_(weight[slot], non_blocking=True)
+            offset += aligned(n)
 
     def _op(self, op: Any, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(op, tensor, self._peer(peer), group=self._group)
-
-    def _pack(self, sends: Sequence[Transfer], expert_weights: Weights,
-              nbytes: dict[int, list[int]], stride: dict[int, int],
-              device: torch.device) -> dict[int, torch.Tensor]:
-        """One buffer per destination, laid out exactly as the receiver's span."""
-        sizes: dict[int, int] = {}
-        for t in sends:
-            sizes[t.dst_rank] = sizes.get(t.dst_rank, 0) + stride[t.layer]
-        packed = {dst: torch.empty(n, dtype=torch.uint8, device=device)
-                  for dst, n in sizes.items() if n}
-        cursor: dict[int, int] = dict.fromkeys(packed, 0)
-        for t in sends:
-            if t.dst_rank not in packed:
-                continue
-            at = cursor[t.dst_rank]
-            for weight, n in zip(expert_weights[t.layer], nbytes[t.layer], strict=True):
-                _typed_view(packed[t.dst_rank], at, n, weight).copy_(weight[t.src_slot],
-                                                                     non_blocking=True)
-                at += _aligned(n)
-            cursor[t.dst_rank] = at
-        return packed
 
 
 if TYPE_CHECKING:  # mypy proves the classes satisfy the runtime's protocols

@@ -121,12 +121,7 @@ class EplbRuntime:
             on_gpu = dist.get_backend(group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         device = torch.device(device)
-        # gloo pays ~100 us to post each receive; one packed message per peer
-        # keeps a CPU rank's staging step short. NCCL batches ops in one group
-        # call, where per-op cost is small and packing would only add memory.
-        coalesce = dist.get_backend(group) == "gloo"
-        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node,
-                               coalesce=coalesce)
+        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node)
         if device.type == "cuda":
             # NCCL builds its P2P communicators on the first batched send/receive,
             # which takes tens of ms; pay it here, not inside a serving step.

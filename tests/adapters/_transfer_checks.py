@@ -227,7 +227,7 @@ def check_all(rank: int, world: int, seed: int, kind: str) -> dict[str, int]:
                                        node_size=2 if world >= 4 else None)
     got["identical"] = _identical(rank, world, device, p[2])
     got["staged"] = _staged_layer_by_layer(rank, world, device, p[2], p[3])
-    got["batched"] = _batched_coalesced(rank, world, device, p[3], p[4])
+    got["batched"] = _batched_in_pieces(rank, world, device, p[3], p[4])
     _release(rank, world, device, p[4], p[5])
     _bad_input(rank, world, device, p[0], p[1])
     return got
@@ -342,16 +342,18 @@ def _staged_layer_by_layer(rank: int, world: int, device: torch.device, old: np.
     # The profile reserves at least what any one-layer stage used: every slot changing.
     profiled = engine.profile(weights, layers_at_once=1)
     assert profiled >= largest_staging
-    assert profiled == LOCAL * sum(-(-b // 256) * 256 for b in (60, 8, 48, 28))
+    # Staging for every local slot, plus a send buffer for every other rank's slots.
+    assert profiled == world * LOCAL * sum(-(-b // 256) * 256 for b in (60, 8, 48, 28))
     assert engine.profile(weights, layers_at_once=2) == 2 * profiled
     return received
 
 
-def _batched_coalesced(rank: int, world: int, device: torch.device, old: np.ndarray,
+def _batched_in_pieces(rank: int, world: int, device: torch.device, old: np.ndarray,
                        new: np.ndarray) -> int:
-    """Three layers in one stage (one batch, one message per peer), awaited with
-    anyio, committed one layer per 'step' in a different order; then the last one."""
-    engine = TransferEngine(coalesce=True)
+    """Three layers in one stage, each peer's message launched in two pieces,
+    awaited with anyio, committed one layer per 'step' in a different order;
+    then the last one."""
+    engine = TransferEngine(pieces=2)
     weights = make_weights(old, rank, world, device)
     before = make_weights(old, rank, world, device)
     want = make_weights(after(old, new), rank, world, device)

@@ -4,7 +4,7 @@ One spawn per world size runs every scenario of `_transfer_checks.check_all`:
 the group's first transfer with idle ranks, local-only moves, blocking
 `rearrange_weights` (one layer and several per batch, with and without node
 preference), identical placements, the staged path layer by layer, several
-layers in one coalesced batch committed one layer at a time, release, and
+layers in one batch (two pieces per message) committed one layer at a time, release, and
 input validation. The parent then checks the ranks' byte counts against the
 plan: together they received exactly what the plan moves, and not nothing.
 """

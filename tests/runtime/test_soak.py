@@ -84,7 +84,7 @@ PACKAGE_SLACK = 32 * 1024
 #: leaked staging buffer per rebalance (>= 64 KiB a slot, several slots) over the
 #: ~35 rebalances per model in between would add far more.
 RSS_SLACK = 8 * 1024 * 1024
-WATCHED = ("Future", "StagedLayers", "_InFlight", "HostLoad", "_Job", "_Planned", "Thread",
+WATCHED = ("Future", "StagedLayers", "InFlight", "HostLoad", "_Job", "_Planned", "Thread",
            "Task", "TransferPlan", "LayerPlan", "_TorchRound")
 
 

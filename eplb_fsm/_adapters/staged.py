@@ -1,0 +1,241 @@
+"""The handle of a launched transfer: poll it, commit it, or release it.
+
+Split from the engine (`transfer.py`) because the two have different
+lifetimes: the engine lives as long as the serving process, a `StagedLayers`
+as long as one batch of layers is in flight or waiting for its agreed commit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import anyio
+import torch
+
+from .._core.transfer_plan import TransferPlan
+from .._core.transfer_schedule import RankSchedule, aligned
+
+__all__ = ["InFlight", "StagedLayers", "Weights", "slot_nbytes", "typed_view"]
+
+Weights = Sequence[Sequence[torch.Tensor]]
+
+
+def slot_nbytes(weight: torch.Tensor) -> int:
+    """Bytes of one local slot of `weight` (its first dimension is the slot)."""
+    n = weight.element_size()
+    for size in weight.shape[1:]:
+        n *= size
+    return n
+
+
+def typed_view(buffer: torch.Tensor, offset: int, nbytes: int,
+               like: torch.Tensor) -> torch.Tensor:
+    """The `nbytes` at `offset` of a uint8 `buffer` seen as one slot of `like`."""
+    return buffer[offset:offset + nbytes].view(like.dtype).view(like.shape[1:])
+
+
+class InFlight:
+    """Launched work and what must stay alive until it is done.
+
+    On GPU, completion is ``Work.is_completed()`` plus the side stream's event.
+    Gloo's send/recv work, however, reports ``is_completed() == False`` until
+    someone calls ``wait()`` on it (measured with torch 2.13: the data had
+    long arrived), has no future, and a ``wait(timeout)`` that expires closes
+    the connection. So on CPU one daemon thread per stage calls ``wait()``
+    (gloo releases the GIL there) and `done()` reads its flag.
+    """
+
+    def __init__(self, works: list[Any], event: torch.cuda.Event | None,
+                 buffers: list[torch.Tensor]) -> None:
+        self.works = works
+        self.event = event
+        self.buffers = buffers
+        self.error: BaseException | None = None
+        self._finished: threading.Event | None = None
+        if event is None and works:
+            self._finished = threading.Event()
+            threading.Thread(target=self._wait_all, name="eplb-transfer-wait",
+                             daemon=True).start()
+
+    def _wait_all(self) -> None:
+        assert self._finished is not None
+        try:
+            for work in self.works:
+                work.wait()
+        except BaseException as exc:  # reported to the caller by `StagedLayers.ready`
+            self.error = exc
+        finally:
+            # The transfer is over: let go of its works now, not when this
+            # thread object is finally collected (it may linger a while).
+            self.works = []
+            self._finished.set()
+
+    def done(self) -> bool:
+        if self._finished is not None:
+            return self._finished.is_set()
+        if not all(work.is_completed() for work in self.works):
+            return False
+        return self.event is None or bool(self.event.query())
+
+    def block(self) -> None:
+        if self._finished is not None:
+            self._finished.wait()
+        elif self.event is not None:
+            self.event.synchronize()
+
+
+class StagedLayers:
+    """The `StagedTransfer` handle `TransferEngine.stage` returns.
+
+    Holds the staging buffer of one or more layers. `commit` accepts an
+    optional subset of layers, so several layers staged in one batch can be
+    committed one per agreed step.
+    """
+
+    def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
+                 inflight: InFlight, staging: torch.Tensor, offsets: dict[tuple[int, int], int],
+                 bytes_received: int, keep_until_done: Callable[[InFlight], None]) -> None:
+        self._sched = sched
+        self._weights = expert_weights
+        self._device = device
+        self._inflight: InFlight | None = inflight
+        self._staging: torch.Tensor | None = staging
+        self._offsets = offsets  # (layer, expert) -> byte offset of its staged row
+        self._bytes_received = bytes_received
+        self._keep_until_done = keep_until_done
+        self._committed: set[int] = set()
+        self._released = False
+        self._completed = False
+
+    # -- the StagedTransfer protocol -----------------------------------------------------
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self._sched.layers
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes this rank receives from peers for these layers (local copies excluded)."""
+        return self._bytes_received
+
+    def ready(self) -> bool:
+        """True once this rank's receives, sends and local copies are complete.
+
+        Never blocks: on GPU it polls ``Work.is_completed()`` and ``Event.query()``;
+        on CPU it reads the flag of the thread waiting on gloo. Raises if the
+        transfer failed (say, a peer died).
+        """
+        if self._released:
+            raise RuntimeError("ready() after release(): this staged transfer was dropped")
+        if self._completed:
+            return True
+        assert self._inflight is not None
+        if not self._inflight.done():
+            return False
+        if self._inflight.error is not None:
+            raise RuntimeError(f"the transfer of layers {self.layers} failed on rank "
+                               f"{self._sched.rank}") from self._inflight.error
+        self._completed = True
+        # Sends are done: the send buffer can go back to the allocator now.
+        self._inflight.buffers = []
+        return True
+
+    def commit(self, layers: Iterable[int] | None = None) -> None:
+        """Copy the staged slots of `layers` (default: all not yet committed) into the
+        live weights. Call only once every rank is `ready()` for these layers.
+
+        On GPU the copies run on the current stream after it waits on the
+        staging event; the host does not wait. Only the slots the plan writes
+        are touched; unchanged and vacated slots are not.
+        """
+        if self._released:
+            raise RuntimeError("commit() after release(): the staging buffers are gone")
+        chosen = self._pending() if layers is None else tuple(layers)
+        if not chosen:
+            return
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"layers {chosen} names a layer twice")
+        for layer in chosen:
+            if layer not in self.layers:
+                raise ValueError(f"layers holds {layer!r}, which was not staged "
+                                 f"(staged: {self.layers})")
+            if layer in self._committed:
+                raise ValueError(f"layer {layer} is already committed")
+        if not self.ready():
+            raise RuntimeError("commit() before ready(): the staged weights are incomplete")
+        assert self._inflight is not None and self._staging is not None
+        stream = None
+        if self._device.type == "cuda":
+            stream = torch.cuda.current_stream(self._device)
+            if self._inflight.event is not None:
+                stream.wait_event(self._inflight.event)
+        with torch.no_grad():
+            for layer in chosen:
+                self._commit_layer(layer, self._staging)
+                self._committed.add(layer)
+        if stream is not None:
+            self._staging.record_stream(stream)  # reused only after these copies ran
+        if not self._pending():
+            self._drop()
+
+    def release(self) -> None:
+        """Drop the staging buffers without touching the live weights (abort path).
+
+        If the transfers are still running, the engine keeps the buffers alive
+        until they finish (peers will still write into them); nothing here waits.
+        """
+        if self._released:
+            return
+        self._released = True
+        if self._inflight is not None and not self._completed and not self._inflight.done():
+            assert self._staging is not None
+            self._inflight.buffers.append(self._staging)
+            self._keep_until_done(self._inflight)
+        self._drop()
+
+    # -- helpers beyond the protocol -------------------------------------------------------
+
+    @property
+    def schedule(self) -> RankSchedule:
+        return self._sched
+
+    @property
+    def plan(self) -> TransferPlan:
+        return self._sched.plan
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of staging memory this handle holds (received and locally copied rows)."""
+        return 0 if self._staging is None else int(self._staging.numel())
+
+    async def wait(self, poll_interval: float = 0.0005) -> None:
+        """Await `ready()` by polling it every `poll_interval` seconds (anyio)."""
+        while not self.ready():
+            await anyio.sleep(poll_interval)
+
+    def wait_blocking(self) -> None:
+        """Block the calling thread until `ready()` (the synchronous path only)."""
+        if self._released:
+            raise RuntimeError("wait_blocking() after release()")
+        if self._inflight is not None and not self._completed:
+            self._inflight.block()
+        self.ready()
+
+    def _pending(self) -> tuple[int, ...]:
+        return tuple(layer for layer in self.layers if layer not in self._committed)
+
+    def _commit_layer(self, layer: int, staging: torch.Tensor) -> None:
+        weights = self._weights[layer]
+        sizes = [slot_nbytes(w) for w in weights]
+        for slot, expert in self._sched.fills_of(layer):
+            at = self._offsets[(layer, expert)]
+            for weight, n in zip(weights, sizes, strict=True):
+                weight[slot].copy_(typed_view(staging, at, n, weight), non_blocking=True)
+                at += aligned(n)
+
+    def _drop(self) -> None:
+        self._inflight = None
+        self._staging = None
+        self._offsets = {}

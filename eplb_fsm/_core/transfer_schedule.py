@@ -1,0 +1,173 @@
+"""One rank's schedule for executing a `TransferPlan`: what goes in which message.
+
+The transfer plan says *what* moves; this module says *how it is packed*, the
+part both ends of every message must agree on byte for byte. Rules:
+
+1. **One message per peer and piece.** Everything a rank sends to one peer
+   travels as one contiguous message (NCCL pays a fixed cost per operation:
+   84 per-tensor messages took 5.5 ms where one message per pair took 3.5 ms,
+   measured on H200s). The sender packs its experts into a send buffer; the
+   receiver receives straight into its staging buffer.
+2. **Both ends derive the same layout.** Items between a pair are the plan's
+   transfers filtered by (src, dst), in the plan's global order, so the
+   sender's packing order is the receiver's unpacking order; an item occupies
+   its layer's *stride* (the aligned bytes of one expert's tensors), known to
+   both ends because every rank's weights have the same shapes.
+3. **Pieces pipeline packing with sending.** With ``pieces > 1`` each pair's
+   items are split into that many consecutive runs (the same split on both
+   ends, by item count), and piece *k* of every pair is launched as one group
+   once it is packed, so packing piece *k + 1* overlaps sending piece *k*.
+   Every rank launches the pieces in the same order, so per communicator the
+   operations match in order (no deadlock).
+4. **Local copies are scheduled after the launch.** A rank's own moves
+   (expert already held, new slot) need no network; they go to the staging
+   buffer after the messages are launched, overlapping them.
+
+Pure Python and numpy: computed in the planning thread (`prepare`), so the
+agreed staging step only allocates, packs and launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .transfer_plan import Transfer, TransferPlan
+
+__all__ = ["ALIGN", "Layout", "RankSchedule", "aligned", "schedule"]
+
+ALIGN = 256  # bytes; every item starts aligned, so typed views and DMA stay fast
+
+
+def aligned(nbytes: int) -> int:
+    return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Byte offsets of one rank's buffers, for given per-layer strides.
+
+    - ``staging``: (layer, expert) -> offset of that expert's row in the
+      staging buffer; received items first (grouped by source rank, ascending),
+      then local copies.
+    - ``packed``: one (offset, layer, src_slot) per packed item, in the order
+      of the send buffer (grouped by destination rank, ascending).
+    - ``recv_spans`` / ``send_spans``: per piece, (peer, begin, end) byte spans
+      of the staging / send buffer, one per peer with bytes in that piece.
+    """
+
+    staging_bytes: int
+    send_bytes: int
+    staging: Mapping[tuple[int, int], int]
+    packed: tuple[tuple[int, int, int], ...]
+    copies: tuple[tuple[int, int, int], ...]  # (offset, layer, src_slot)
+    recv_spans: tuple[tuple[tuple[int, int, int], ...], ...]
+    send_spans: tuple[tuple[tuple[int, int, int], ...], ...]
+    packed_per_piece: tuple[int, ...]  # items of `packed` packed before piece k's launch
+
+
+@dataclass(frozen=True, eq=False)
+class RankSchedule:
+    """What `rank` receives, sends and copies for the plan, in message order."""
+
+    plan: TransferPlan
+    rank: int
+    pieces: int
+    receives: Mapping[int, tuple[Transfer, ...]]  # by source rank, ascending
+    sends: Mapping[int, tuple[Transfer, ...]]  # by destination rank, ascending
+    copies: tuple[tuple[int, int, int], ...]  # (layer, expert, src slot), once per expert
+    fills: tuple[tuple[int, int, int], ...] = field(repr=False)  # (layer, dst slot, expert)
+    _layouts: dict[tuple[int, ...], Layout] = field(default_factory=dict, repr=False)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.plan.layers
+
+    def layout(self, strides: Mapping[int, int]) -> Layout:
+        """Offsets for per-layer `strides` (bytes one expert occupies, aligned)."""
+        key = tuple(int(strides[layer]) for layer in self.layers)
+        if key not in self._layouts:  # the same model stages with the same strides
+            self._layouts[key] = _layout(self, key)
+        return self._layouts[key]
+
+    def fills_of(self, layer: int) -> tuple[tuple[int, int], ...]:
+        """(dst slot, expert) pairs commit writes for `layer`."""
+        return tuple((slot, expert) for lay, slot, expert in self.fills if lay == layer)
+
+
+def _split(count: int, pieces: int) -> list[tuple[int, int]]:
+    """Consecutive [begin, end) item runs, as equal as possible; both ends agree."""
+    return [(count * k // pieces, count * (k + 1) // pieces) for k in range(pieces)]
+
+
+def _layout(sched: RankSchedule, key: tuple[int, ...]) -> Layout:
+    stride = dict(zip(sched.layers, key, strict=True))
+    staging: dict[tuple[int, int], int] = {}
+    recv_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(sched.pieces)]
+    cursor = 0
+    for src, items in sched.receives.items():
+        for k, (begin, end) in enumerate(_split(len(items), sched.pieces)):
+            start = cursor
+            for t in items[begin:end]:
+                staging[(t.layer, t.expert)] = cursor
+                cursor += stride[t.layer]
+            if cursor > start:
+                recv_spans[k].append((src, start, cursor))
+    copies = []
+    for layer, expert, src_slot in sched.copies:
+        staging[(layer, expert)] = cursor
+        copies.append((cursor, layer, src_slot))
+        cursor += stride[layer]
+    staging_bytes = cursor
+
+    # The send buffer, piece-major so that each piece's packing is one run.
+    send_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(sched.pieces)]
+    packed: list[tuple[int, int, int]] = []
+    per_piece: list[int] = []
+    cursor = 0
+    splits = {dst: _split(len(items), sched.pieces) for dst, items in sched.sends.items()}
+    for k in range(sched.pieces):
+        for dst, items in sched.sends.items():
+            begin, end = splits[dst][k]
+            start = cursor
+            for t in items[begin:end]:
+                packed.append((cursor, t.layer, t.src_slot))
+                cursor += stride[t.layer]
+            if cursor > start:
+                send_spans[k].append((dst, start, cursor))
+        per_piece.append(len(packed))
+    return Layout(staging_bytes, cursor, staging, tuple(packed), tuple(copies),
+                  tuple(map(tuple, recv_spans)), tuple(map(tuple, send_spans)),
+                  tuple(per_piece))
+
+
+def schedule(plan: TransferPlan, rank: int, pieces: int = 1) -> RankSchedule:
+    """`rank`'s part of `plan`, grouped by peer in the order both ends use."""
+    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
+        raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+    if not 0 <= rank < plan.num_ranks:
+        raise ValueError(f"rank must be in [0, {plan.num_ranks}), got {rank!r}")
+    receives: dict[int, list[Transfer]] = {}
+    sends: dict[int, list[Transfer]] = {}
+    for t in plan.transfers:  # global order: both ends see a pair's items alike
+        if t.dst_rank == rank:
+            receives.setdefault(t.src_rank, []).append(t)
+        elif t.src_rank == rank:
+            sends.setdefault(t.dst_rank, []).append(t)
+    copies: list[tuple[int, int, int]] = []
+    fills: list[tuple[int, int, int]] = []
+    for rank_plan in plan.rank_plans(rank):
+        layer = rank_plan.layer
+        seen: set[int] = set()
+        for c in rank_plan.local_copies:
+            if c.expert not in seen:  # two slots wanting one held expert: one copy
+                seen.add(c.expert)
+                copies.append((layer, c.expert, c.src_slot))
+        fills += [(layer, c.dst_slot, c.expert) for c in rank_plan.local_copies]
+        fills += [(layer, t.dst_slot, t.expert) for t in rank_plan.receives]
+        fills += [(layer, d.dst_slot, d.expert) for d in rank_plan.duplicates]
+    return RankSchedule(
+        plan, rank, pieces,
+        {src: tuple(items) for src, items in sorted(receives.items())},
+        {dst: tuple(items) for dst, items in sorted(sends.items())},
+        tuple(copies), tuple(fills))

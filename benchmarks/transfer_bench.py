@@ -11,8 +11,8 @@ batched into one stage, it times:
   packing one message per peer, the ``batch_isend_irecv`` launch, local
   copies), then `commit()` separately; "+plan" plans inside the timed
   `stage()`, "prepared" uses `prepare()` as the runtime does (in its planning
-  thread), "N pieces" launches each message in N pieces so packing overlaps
-  sending;
+  thread), "pieces=N" launches each message in N pieces so packing overlaps
+  sending ("auto", the default, picks 1 or 2 from the stage's size);
 - the bound: a plain ``batch_isend_irecv`` of the same bytes between the same
   rank pairs, one preallocated contiguous message per pair.
 
@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -221,7 +221,9 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
                         mean_mb / 1e3 / bound_s, 100.0))
         # The runtime prepares each batch's plan in its planning thread, so the
         # agreed step only launches; "+plan" rows plan inside the timed stage().
-        for pieces, prepare in [(1, False)] + [(p, True) for p in args["pieces"]]:
+        settings: list[tuple[int | Literal["auto"], bool]] = [("auto", False), ("auto", True)]
+        settings += [(p, True) for p in args["pieces"]]
+        for pieces, prepare in settings:
             eng = TransferEngine(pieces=pieces)
             polls: list[float] = []
             stages: list[float] = []
@@ -232,7 +234,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
                                   prepared), device, warmup, repeats)
             stage_s = _slowest(statistics.median(stages[warmup:]), device)
             commit_s = _commit_time(eng, old, new, layers, weights, device, warmup, repeats)
-            name = (f"TransferEngine, {pieces} piece{'s' if pieces > 1 else ''}"
+            name = (f"TransferEngine, pieces={pieces}"
                     + (" (prepared)" if prepare else " +plan"))
             rows.append(Row(count, name, mean_mb, took * 1e3, mean_mb / 1e3 / took,
                             100.0 * bound_s / took, commit_s * 1e3,
@@ -322,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2],
-                        help="pieces per message to measure, prepared (default: 1 2)")
+                        help="fixed pieces per message to measure besides 'auto' "
+                             "(default: 1 2)")
     parser.add_argument("--dry-run", action="store_true",
                         help="gloo on CPU with tiny tensors: a smoke test of the script")
     ns = parser.parse_args(argv)

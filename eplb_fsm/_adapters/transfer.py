@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -53,8 +53,8 @@ import torch
 import torch.distributed as dist
 
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
-from .._core.transfer_schedule import RankSchedule, aligned, schedule
-from .staged import InFlight, StagedLayers, Weights, slot_nbytes, typed_view
+from .._core.transfer_schedule import RankSchedule, aligned, auto_pieces, schedule
+from .staged import InFlight, StagedLayers, Waiter, Weights, slot_nbytes, typed_view
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
@@ -84,20 +84,22 @@ class TransferEngine:
 
     `node_size` (ranks per node) makes the plan prefer same-node senders.
     `pieces` splits each peer's message into that many launches so that
-    packing overlaps sending (see `_core.transfer_schedule`); every rank of
-    the group must use the same value.
+    packing overlaps sending; ``"auto"`` (the default) uses 2 for large
+    stages and 1 otherwise (see `_core.transfer_schedule`). Every rank of the
+    group must use the same setting.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  device: torch.device | str | None = None, node_size: int | None = None,
-                 pieces: int = 1) -> None:
+                 pieces: int | Literal["auto"] = "auto") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TransferEngine needs an initialized torch.distributed "
                                "process group (dist.init_process_group)")
         if node_size is not None and (not isinstance(node_size, int) or node_size < 1):
             raise ValueError(f"node_size must be a positive int or None, got {node_size!r}")
-        if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
-            raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+        if pieces != "auto" and (not isinstance(pieces, int) or isinstance(pieces, bool)
+                                 or pieces < 1):
+            raise ValueError(f"pieces must be a positive int or 'auto', got {pieces!r}")
         self._group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -107,6 +109,7 @@ class TransferEngine:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._warm = False
         self._draining: list[InFlight] = []
+        self._waiter = Waiter()
 
     # -- the WeightMover protocol ----------------------------------------------------------
 
@@ -123,7 +126,7 @@ class TransferEngine:
         """
         plan = plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
                            layers, node_size=self._node_size)  # validates the maps
-        return PreparedTransfer(plan, schedule(plan, self.rank, self._pieces))
+        return PreparedTransfer(plan, schedule(plan, self.rank))
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
@@ -138,8 +141,7 @@ class TransferEngine:
             prepared = self.prepare(old_physical_to_logical, new_physical_to_logical, layers)
         elif not (isinstance(prepared, PreparedTransfer) and prepared.layers == tuple(layers)
                   and prepared.plan.num_ranks == self.world_size
-                  and prepared.schedule.rank == self.rank
-                  and prepared.schedule.pieces == self._pieces):
+                  and prepared.schedule.rank == self.rank):
             raise ValueError(f"prepared must be this engine's prepare() of layers "
                              f"{tuple(layers)}")
         device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
@@ -295,8 +297,9 @@ class TransferEngine:
                 device: torch.device) -> StagedLayers:
         nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
                   for layer in sched.layers}
-        layout = sched.layout({layer: sum(aligned(n) for n in sizes)
-                               for layer, sizes in nbytes.items()})
+        strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+        pieces = auto_pieces(sched.plan, strides) if self._pieces == "auto" else self._pieces
+        layout = sched.layout(strides, pieces)
         received = sum(sum(nbytes[t.layer]) for items in sched.receives.values()
                        for t in items)
         works: list[Any] = []
@@ -327,7 +330,7 @@ class TransferEngine:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
                 event.record()
-        inflight = InFlight(works, event, [packed])
+        inflight = InFlight(works, event, [packed], self._waiter)
         return StagedLayers(sched, expert_weights, device, inflight, staging,
                             dict(layout.staging), received, self._keep_until_done)
 

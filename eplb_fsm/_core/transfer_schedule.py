@@ -18,7 +18,12 @@ part both ends of every message must agree on byte for byte. Rules:
    ends, by item count), and piece *k* of every pair is launched as one group
    once it is packed, so packing piece *k + 1* overlaps sending piece *k*.
    Every rank launches the pieces in the same order, so per communicator the
-   operations match in order (no deadlock).
+   operations match in order (no deadlock). Each launch has a fixed cost
+   (NCCL's ramp-up), so pieces pay off only for large stages: `auto_pieces`
+   picks 2 when the mean bytes a rank sends exceed `PIECES_THRESHOLD`, a
+   figure every rank computes alike from the global plan. Measured on 2 and 4
+   H200s (docs/benchmarks.md): 2 pieces lost 8 points of bandwidth at 308 MB
+   per rank and gained 2-7 points from 660 MB up.
 4. **Local copies are scheduled after the launch.** A rank's own moves
    (expert already held, new slot) need no network; they go to the staging
    buffer after the messages are launched, overlapping them.
@@ -34,9 +39,11 @@ from dataclasses import dataclass, field
 
 from .transfer_plan import Transfer, TransferPlan
 
-__all__ = ["ALIGN", "Layout", "RankSchedule", "aligned", "schedule"]
+__all__ = ["ALIGN", "PIECES_THRESHOLD", "Layout", "RankSchedule", "aligned", "auto_pieces",
+           "schedule"]
 
 ALIGN = 256  # bytes; every item starts aligned, so typed views and DMA stay fast
+PIECES_THRESHOLD = 512 * 2**20  # mean bytes sent per rank above which 2 pieces pay off
 
 
 def aligned(nbytes: int) -> int:
@@ -65,6 +72,10 @@ class Layout:
     send_spans: tuple[tuple[tuple[int, int, int], ...], ...]
     packed_per_piece: tuple[int, ...]  # items of `packed` packed before piece k's launch
 
+    @property
+    def pieces(self) -> int:
+        return len(self.send_spans)
+
 
 @dataclass(frozen=True, eq=False)
 class RankSchedule:
@@ -72,22 +83,23 @@ class RankSchedule:
 
     plan: TransferPlan
     rank: int
-    pieces: int
     receives: Mapping[int, tuple[Transfer, ...]]  # by source rank, ascending
     sends: Mapping[int, tuple[Transfer, ...]]  # by destination rank, ascending
     copies: tuple[tuple[int, int, int], ...]  # (layer, expert, src slot), once per expert
     fills: tuple[tuple[int, int, int], ...] = field(repr=False)  # (layer, dst slot, expert)
-    _layouts: dict[tuple[int, ...], Layout] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple[tuple[int, ...], int], Layout] = field(default_factory=dict, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
         return self.plan.layers
 
-    def layout(self, strides: Mapping[int, int]) -> Layout:
-        """Offsets for per-layer `strides` (bytes one expert occupies, aligned)."""
-        key = tuple(int(strides[layer]) for layer in self.layers)
+    def layout(self, strides: Mapping[int, int], pieces: int = 1) -> Layout:
+        """Offsets for per-layer `strides` (bytes one expert occupies, aligned),
+        each peer's message split into `pieces` launches."""
+        _check_pieces(pieces)
+        key = (tuple(int(strides[layer]) for layer in self.layers), pieces)
         if key not in self._layouts:  # the same model stages with the same strides
-            self._layouts[key] = _layout(self, key)
+            self._layouts[key] = _layout(self, *key)
         return self._layouts[key]
 
     def fills_of(self, layer: int) -> tuple[tuple[int, int], ...]:
@@ -100,13 +112,28 @@ def _split(count: int, pieces: int) -> list[tuple[int, int]]:
     return [(count * k // pieces, count * (k + 1) // pieces) for k in range(pieces)]
 
 
-def _layout(sched: RankSchedule, key: tuple[int, ...]) -> Layout:
+def _check_pieces(pieces: int) -> None:
+    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
+        raise ValueError(f"pieces must be a positive int, got {pieces!r}")
+
+
+def auto_pieces(plan: TransferPlan, strides: Mapping[int, int],
+                threshold: int = PIECES_THRESHOLD) -> int:
+    """2 if the mean bytes a rank sends in `plan` exceed `threshold`, else 1.
+
+    Computed from the global plan, so every rank picks the same number (both
+    ends of a message must split it alike)."""
+    total = sum(int(strides[t.layer]) for t in plan.transfers)
+    return 2 if total > threshold * plan.num_ranks else 1
+
+
+def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int) -> Layout:
     stride = dict(zip(sched.layers, key, strict=True))
     staging: dict[tuple[int, int], int] = {}
-    recv_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(sched.pieces)]
+    recv_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(pieces)]
     cursor = 0
     for src, items in sched.receives.items():
-        for k, (begin, end) in enumerate(_split(len(items), sched.pieces)):
+        for k, (begin, end) in enumerate(_split(len(items), pieces)):
             start = cursor
             for t in items[begin:end]:
                 staging[(t.layer, t.expert)] = cursor
@@ -121,12 +148,12 @@ def _layout(sched: RankSchedule, key: tuple[int, ...]) -> Layout:
     staging_bytes = cursor
 
     # The send buffer, piece-major so that each piece's packing is one run.
-    send_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(sched.pieces)]
+    send_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(pieces)]
     packed: list[tuple[int, int, int]] = []
     per_piece: list[int] = []
     cursor = 0
-    splits = {dst: _split(len(items), sched.pieces) for dst, items in sched.sends.items()}
-    for k in range(sched.pieces):
+    splits = {dst: _split(len(items), pieces) for dst, items in sched.sends.items()}
+    for k in range(pieces):
         for dst, items in sched.sends.items():
             begin, end = splits[dst][k]
             start = cursor
@@ -141,10 +168,8 @@ def _layout(sched: RankSchedule, key: tuple[int, ...]) -> Layout:
                   tuple(per_piece))
 
 
-def schedule(plan: TransferPlan, rank: int, pieces: int = 1) -> RankSchedule:
+def schedule(plan: TransferPlan, rank: int) -> RankSchedule:
     """`rank`'s part of `plan`, grouped by peer in the order both ends use."""
-    if not isinstance(pieces, int) or isinstance(pieces, bool) or pieces < 1:
-        raise ValueError(f"pieces must be a positive int, got {pieces!r}")
     if not 0 <= rank < plan.num_ranks:
         raise ValueError(f"rank must be in [0, {plan.num_ranks}), got {rank!r}")
     receives: dict[int, list[Transfer]] = {}
@@ -167,7 +192,7 @@ def schedule(plan: TransferPlan, rank: int, pieces: int = 1) -> RankSchedule:
         fills += [(layer, t.dst_slot, t.expert) for t in rank_plan.receives]
         fills += [(layer, d.dst_slot, d.expert) for d in rank_plan.duplicates]
     return RankSchedule(
-        plan, rank, pieces,
+        plan, rank,
         {src: tuple(items) for src, items in sorted(receives.items())},
         {dst: tuple(items) for dst, items in sorted(sends.items())},
         tuple(copies), tuple(fills))

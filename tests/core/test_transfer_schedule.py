@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_transfer_plan import placement_pairs
 
 from eplb_fsm._core.transfer_plan import plan_layers
-from eplb_fsm._core.transfer_schedule import ALIGN, aligned, schedule
+from eplb_fsm._core.transfer_schedule import ALIGN, aligned, auto_pieces, schedule
 
 UNIT = ALIGN  # one array element stands for one aligned run of bytes
 
@@ -37,8 +37,8 @@ def test_messages_match_and_commit_yields_new_placement(
     # Layers of different sizes: a stride mix-up between layers would show.
     strides = {layer: UNIT * data.draw(st.integers(1, 3)) for layer in layers}
     plan = plan_layers(old, new, num_ranks, layers, node_size=node_size)
-    scheds = [schedule(plan, rank, pieces) for rank in range(num_ranks)]
-    layouts = [s.layout(strides) for s in scheds]
+    scheds = [schedule(plan, rank) for rank in range(num_ranks)]
+    layouts = [s.layout(strides, pieces) for s in scheds]
     num_local = old.shape[1] // num_ranks
 
     def weights(rank: int, layer: int, slot: int) -> int:
@@ -91,7 +91,7 @@ def test_pieces_split_every_message_into_ordered_runs() -> None:
     old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
     new = np.array([[4, 5, 6, 7, 0, 1, 2, 3]])  # rank 0 and rank 1 trade all four
     plan = plan_layers(old, new, 2, [0])
-    layout = schedule(plan, 0, pieces=2).layout({0: 512})
+    layout = schedule(plan, 0).layout({0: 512}, pieces=2)
     assert [len(p) for p in layout.send_spans] == [1, 1]
     assert layout.packed_per_piece == (2, 4)
     assert layout.send_bytes == layout.staging_bytes == 4 * 512
@@ -102,7 +102,17 @@ def test_pieces_split_every_message_into_ordered_runs() -> None:
 def test_schedule_rejects_bad_arguments() -> None:
     plan = plan_layers(np.array([[0, 1]]), np.array([[1, 0]]), 2, [0])
     with pytest.raises(ValueError, match="pieces must be a positive int"):
-        schedule(plan, 0, pieces=0)
+        schedule(plan, 0).layout({0: 256}, pieces=0)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
         schedule(plan, 2)
     assert aligned(1) == ALIGN and aligned(ALIGN) == ALIGN and aligned(0) == 0
+
+
+def test_auto_pieces_follows_the_mean_bytes_per_rank() -> None:
+    old = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    new = np.array([[4, 5, 6, 7, 0, 1, 2, 3]])
+    plan = plan_layers(old, new, 2, [0])  # 8 transfers over 2 ranks: 4 strides per rank
+    assert auto_pieces(plan, {0: 1000}, threshold=4000) == 1
+    assert auto_pieces(plan, {0: 1001}, threshold=4000) == 2
+    identical = plan_layers(old, old, 2, [0])
+    assert auto_pieces(identical, {0: 10**12}) == 1

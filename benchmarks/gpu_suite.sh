@@ -11,8 +11,8 @@ mkdir -p "$out"
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/cards.txt"
 echo "== NCCL tests: transfer engine and runtime ($gpus GPUs)"
-timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_transfer_nccl.py \
-  tests/runtime/test_nccl_runtime.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
+timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_transfer_nccl.py \
+  tests/runtime/test_nccl_runtime.py tests/runtime/test_forward_concurrency.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
 for n in 2 4; do
   [ "$gpus" -ge "$n" ] || continue
   if [ "${SKIP_TRANSFER:-0}" != 1 ]; then
@@ -21,8 +21,8 @@ for n in 2 4; do
       | tee "$out/transfer_bench_$n.txt" | tail -12
   fi
   echo "== gpu_path on $n GPUs"
-  timeout 420 python3 benchmarks/gpu_path.py --gpus "$n" 2>&1 | grep -v Warning \
-    | tee "$out/gpu_path_$n.txt" | tail -8
+  timeout 900 python3 benchmarks/gpu_path.py --gpus "$n" 2>&1 | grep -v Warning \
+    | tee "$out/gpu_path_$n.txt" | tail -40
 done
 echo "== simulate under torchrun, NCCL, $gpus GPUs, exact arithmetic (invariance check)"
 timeout 240 torchrun --nproc-per-node "$gpus" -m eplb_fsm simulate --steps 120 --tokens 256 \

@@ -133,3 +133,18 @@ async def test_cancelled_synchronous_rearrangement_completes_first() -> None:
     histories = cluster.histories()
     assert all(h == histories[0] for h in histories)
     assert cluster.wrong_slots() == {}
+
+
+def test_deferral_sets_and_resets_the_holder_even_when_the_block_raises() -> None:
+    """`pause` finds the holder inside the block, and nothing outside it."""
+    from eplb_fsm._runtime.rounds import _deferred, deferred_cancellation
+
+    assert _deferred.get() is None
+    with deferred_cancellation() as outer:
+        assert _deferred.get() is outer
+        with pytest.raises(KeyError), deferred_cancellation() as inner:
+            assert _deferred.get() is inner and inner is not outer
+            raise KeyError("x")
+        assert _deferred.get() is outer
+    assert _deferred.get() is None and outer == []
+

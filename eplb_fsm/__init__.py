@@ -8,6 +8,7 @@ weights), ``eplb_fsm.testing`` (fake cluster, faults, launcher),
 so that internals can move without breaking users.
 """
 
+from ._adapters.elastic_groups import ElasticGroups
 from ._adapters.interfaces import (
     AllReduce,
     FaultHook,
@@ -23,6 +24,15 @@ from ._core.balance import (
     rank_load_from_logical,
     rank_load_from_physical,
 )
+from ._core.elastic import (
+    ElasticPlan,
+    UnionLayout,
+    check_rank_mapping,
+    default_union_layout,
+    lost_experts,
+    maps_in_union,
+    plan_elastic,
+)
 from ._core.lifecycle import STATES, TransitionRecord, mermaid_diagram
 from ._core.placement import Placement, PlacementTensors
 from ._core.planning import (
@@ -36,6 +46,7 @@ from ._core.planning import (
 )
 from ._edges.vllm import select_replicas
 from ._runtime.config import EplbConfig
+from ._runtime.elastic import ExpertsLost, Reconfigured
 from ._runtime.hooks import LifecycleEvent
 from ._runtime.job import RebalanceFailed
 from ._runtime.runtime import EplbRuntime
@@ -45,8 +56,11 @@ __version__ = "0.1.0"
 __all__ = [
     "STATES",
     "AllReduce",
+    "ElasticGroups",
+    "ElasticPlan",
     "EplbConfig",
     "EplbRuntime",
+    "ExpertsLost",
     "FaultHook",
     "LifecycleEvent",
     "MoEModel",
@@ -57,15 +71,22 @@ __all__ = [
     "Policy",
     "ReadinessRound",
     "RebalanceFailed",
+    "Reconfigured",
     "StagedTransfer",
     "TransitionRecord",
+    "UnionLayout",
     "WeightMover",
     "__version__",
     "available_policies",
     "balancedness",
     "balancedness_per_layer",
+    "check_rank_mapping",
+    "default_union_layout",
+    "lost_experts",
+    "maps_in_union",
     "mermaid_diagram",
     "plan",
+    "plan_elastic",
     "rank_load_from_logical",
     "rank_load_from_physical",
     "register_policy",

@@ -10,12 +10,18 @@ per interval per rank, nothing per step.
 
 The store is hosted by one process (rank 0 for the usual TCPStore); if that
 process is the one that died, nothing can be read and the error says so.
+
+Stamps are keyed by *global* rank when the group's global ranks are given
+(`global_ranks`, index = rank in the group): elastic deployments run several
+EP groups in one world, whose group ranks would otherwise share keys.
+`silent_ranks` always answers in group ranks.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["Heartbeat"]
@@ -24,10 +30,15 @@ PREFIX = "eplb_fsm/heartbeat/"
 
 
 class Heartbeat:
-    def __init__(self, store: Any, rank: int, world_size: int, interval: float = 0.2) -> None:
+    def __init__(self, store: Any, rank: int, world_size: int, interval: float = 0.2,
+                 global_ranks: Sequence[int] | None = None) -> None:
+        if global_ranks is not None and len(global_ranks) != world_size:
+            raise ValueError(f"global_ranks names {len(global_ranks)} ranks, expected "
+                             f"world_size={world_size}")
         self._store = store
         self._rank = rank
         self._world = world_size
+        self._keys = [f"{PREFIX}{r}" for r in (global_ranks or range(world_size))]
         self._interval = interval
         self._stop = threading.Event()
         self._beat()
@@ -35,16 +46,17 @@ class Heartbeat:
         self._thread.start()
 
     @classmethod
-    def for_default_group(cls, rank: int, world_size: int) -> Heartbeat | None:
+    def for_default_group(cls, rank: int, world_size: int,
+                          global_ranks: Sequence[int] | None = None) -> Heartbeat | None:
         try:
             from torch.distributed.distributed_c10d import _get_default_store
 
-            return cls(_get_default_store(), rank, world_size)
+            return cls(_get_default_store(), rank, world_size, global_ranks=global_ranks)
         except Exception:  # no store (custom init): failures just won't name ranks
             return None
 
     def _beat(self) -> None:
-        self._store.set(f"{PREFIX}{self._rank}", repr(time.time()))
+        self._store.set(self._keys[self._rank], repr(time.time()))
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -62,7 +74,7 @@ class Heartbeat:
             try:
                 now = time.time()
                 silent = tuple(r for r in range(self._world) if r != self._rank and
-                               now - float(self._store.get(f"{PREFIX}{r}")) > stale_after)
+                               now - float(self._store.get(self._keys[r])) > stale_after)
             except Exception:
                 return None
             if silent or time.monotonic() > deadline:

@@ -27,6 +27,21 @@ States:
 - ``failed``: a peer timed out or a rank reported an error; layers not
   committed everywhere keep their old placement. ``recover`` returns to
   ``collecting``.
+
+The elastic path (the rank set changes; see docs/elastic.md), entered from
+``collecting`` by ``reconfigure`` on every rank of the old and new sets at
+the same step:
+
+- ``reconfiguring``: the union of old and new ranks agreed on the new rank
+  set and the window's load, every rank planned the same placement for the
+  new set, and the weights move over the union group (leaving ranks send,
+  joining ranks receive). It resolves once, with the union's answer.
+- ``salvaging``: the handoff did not complete everywhere (a leaving rank
+  died): the new ranks move what surviving copies exist among themselves.
+- ``resizing``: every new rank commits the resized maps at the same step;
+  ``resized`` ends in ``collecting``, or in ``failed`` when experts were lost
+  (no copy survived; the engine must reload them).
+- ``released``: a leaving rank's final state, once its experts are handed off.
 """
 
 from __future__ import annotations
@@ -58,8 +73,13 @@ STAGING = "staging"
 AWAITING = "awaiting_all_ranks"
 COMMITTING = "committing"
 FAILED = "failed"
+RECONFIGURING = "reconfiguring"
+SALVAGING = "salvaging"
+RESIZING = "resizing"
+RELEASED = "released"
 
-STATES: tuple[str, ...] = (COLLECTING, PLANNING, STAGING, AWAITING, COMMITTING, FAILED)
+STATES: tuple[str, ...] = (COLLECTING, PLANNING, STAGING, AWAITING, COMMITTING, FAILED,
+                           RECONFIGURING, SALVAGING, RESIZING, RELEASED)
 
 # The lifecycle, as data. For one trigger and source, rows are tried in
 # order; the first whose guards hold fires (transitions' own semantics).
@@ -80,12 +100,24 @@ TRANSITIONS: tuple[dict[str, Any], ...] = (
      "conditions": "all_layers_done"},
     {"trigger": "fail", "source": [PLANNING, STAGING, AWAITING, COMMITTING], "dest": FAILED},
     {"trigger": "recover", "source": FAILED, "dest": COLLECTING},
+    # The elastic path: the rank set changes (EplbRuntime.reconfigure / join).
+    {"trigger": "reconfigure", "source": COLLECTING, "dest": RECONFIGURING},
+    {"trigger": "handoff_resolved", "source": RECONFIGURING, "dest": RESIZING,
+     "conditions": "all_ready"},
+    {"trigger": "handoff_resolved", "source": RECONFIGURING, "dest": SALVAGING,
+     "unless": "all_ready"},  # a union rank did not answer: move surviving copies only
+    {"trigger": "salvaged", "source": SALVAGING, "dest": RESIZING},
+    {"trigger": "resized", "source": RESIZING, "dest": COLLECTING, "conditions": "nothing_lost"},
+    {"trigger": "resized", "source": RESIZING, "dest": FAILED, "unless": "nothing_lost"},
+    {"trigger": "handed_off", "source": RECONFIGURING, "dest": RELEASED},  # a leaving rank
+    {"trigger": "fail", "source": [RECONFIGURING, SALVAGING], "dest": FAILED},
 )
 
 GUARDS: dict[str, str] = {
     "worth_moving": "the plan's predicted balancedness gain reaches the configured minimum",
     "all_ready": "every rank reported its staged layers complete",
     "all_layers_done": "no changed layer is left to stage",
+    "nothing_lost": "every logical expert kept a copy on the new ranks",
 }
 
 
@@ -96,6 +128,7 @@ class Facts:
     worth_moving: bool = False
     all_ready: bool = False
     all_layers_done: bool = False
+    nothing_lost: bool = True
 
 
 class TransitionRecord(NamedTuple):
@@ -120,6 +153,9 @@ class _Model:
 
     def all_layers_done(self, event: EventData) -> bool:
         return bool(event.kwargs["facts"].all_layers_done)
+
+    def nothing_lost(self, event: EventData) -> bool:
+        return bool(event.kwargs["facts"].nothing_lost)
 
 
 class Lifecycle:

@@ -448,6 +448,54 @@ class ModelDriver:
         self._hooks.emit(LifecycleEvent(kind, self.name, step, state, state, trigger,
                                         layers, error))
 
+    # -- elastic resizing (the protocol is in _runtime/elastic.py) ---------------------------
+
+    def transition(self, trigger: str, step: int, facts: lc.Facts | None = None) -> None:
+        """Fire `trigger` at `step` (logged, timed and emitted like every transition)."""
+        self._fire(trigger, step, facts)
+
+    @property
+    def window(self) -> LoadWindow:
+        return self._window
+
+    @property
+    def num_groups(self) -> int:
+        return self._num_groups
+
+    def resize(self, placement: Placement, *, allreduce: AllReduce, mover: WeightMover,
+               liveness: Heartbeat | None,
+               carried: npt.NDArray[np.int64] | None = None, carried_passes: int = 0) -> None:
+        """Serve `placement`, planned for a new rank count, over new transports.
+
+        The weights are already in place (the reconfiguration committed them).
+        The maps and the load view change shape with the slot count, so they are
+        new tensors, handed to the model with `set_eplb_state` again. The window
+        restarts under the new map; `carried` (physical load [L, P'] under
+        `placement`) seeds it with the load recorded before the change, so the
+        next plan still sees it.
+        """
+        device = self._load_view.device
+        self._allreduce, self._mover, self._liveness = allreduce, mover, liveness
+        self._rank, self._world = allreduce.rank, allreduce.world_size
+        self.placement = placement
+        self._p2l = placement.physical_to_logical.copy()
+        maps = placement.to_torch(device)
+        self._load_view = torch.zeros(placement.num_layers, placement.num_physical,
+                                      dtype=torch.int64, device=device)
+        self._l2p, self._rc = maps.logical_to_physical, maps.replica_count
+        self._pending = 0
+        self._window = LoadWindow(-(-self.config.window_size // self._record_every),
+                                  placement.num_layers, placement.num_physical,
+                                  placement.num_logical, device)
+        self._window.set_map(self._p2l)
+        if carried is not None:
+            self._window.record(torch.from_numpy(np.ascontiguousarray(carried)).to(device),
+                                max(int(carried_passes), 1))
+        if self._balance_log is not None:
+            self._balance_log = BalancednessLog(self.name, self.config, allreduce,
+                                                placement.num_layers, placement.num_physical)
+        self.model.set_eplb_state(self._load_view, self._l2p, self._rc)
+
     # -- the synchronous path -----------------------------------------------------------
 
     async def rearrange_now(self, step: int, load: npt.NDArray[np.int64] | None = None) -> None:

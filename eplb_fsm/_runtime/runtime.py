@@ -10,13 +10,15 @@ reports.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
+from .._adapters.elastic_groups import ElasticGroups
 from .._adapters.interfaces import AllReduce, FaultHook, MoEModel, WeightMover
 from .._adapters.liveness import Heartbeat
 from .._core.lifecycle import TransitionRecord
@@ -24,6 +26,7 @@ from .._core.placement import Placement
 from .._core.planning import available_policies, check_policy_options
 from .config import EplbConfig
 from .driver import ModelDriver
+from .elastic import ExpertsLost, Reconfiguration, Reconfigured
 from .hooks import Hooks, LifecycleEvent
 from .job import RebalanceFailed
 from .rounds import deferred_cancellation
@@ -128,7 +131,8 @@ class EplbRuntime:
             mover.warm_up(device)
         self._setup(config, TorchAllReduce(cpu_group), mover, device, None, None)
         self._liveness = Heartbeat.for_default_group(dist.get_rank(group),
-                                                     dist.get_world_size(group))
+                                                     dist.get_world_size(group),
+                                                     dist.get_process_group_ranks(group))
 
     @classmethod
     def from_adapters(cls, config: EplbConfig, *, allreduce: AllReduce, mover: WeightMover,
@@ -165,6 +169,8 @@ class EplbRuntime:
         self._hooks = Hooks()
         self._liveness = None
         self._step = 0
+        self._released = False
+        self.last_reconfiguration: Reconfigured | None = None
         # One worker: plans are rare, and one at a time keeps memory flat.
         self._executor = planner or ThreadPoolExecutor(max_workers=1,
                                                        thread_name_prefix="eplb-plan")
@@ -235,6 +241,9 @@ class EplbRuntime:
         if is_profile:
             self.profile()
             return
+        if self._released:
+            raise RuntimeError("this rank left the deployment (EplbRuntime.reconfigure "
+                               "released it); it has nothing left to balance")
         self._step += 1
         errors: list[RebalanceFailed] = []
         with deferred_cancellation() as cancelled:
@@ -271,6 +280,92 @@ class EplbRuntime:
             return
         raise RuntimeError("rearrange() blocks; inside an event loop use "
                            "`await rt.rearrange_async()`")
+
+    # -- elastic expert parallelism (see _runtime/elastic.py, docs/elastic.md) ------------
+
+    @property
+    def busy(self) -> bool:
+        """A rebalance is in flight (the same answer on every rank at the same step)."""
+        return any(d.busy for d in self._drivers.values())
+
+    async def reconfigure(self, groups: ElasticGroups,
+                          rank_mapping: Sequence[int] | None = None) -> Reconfigured:
+        """Move this deployment to the rank set `groups.new_ranks`; all ranks call it together.
+
+        Every old rank (staying or leaving) calls it, and every joining rank
+        calls `join`, at the same step, between forward passes, while no
+        rebalance is in flight (`busy` is False). `rank_mapping` (old rank ->
+        new rank, -1 leaves; vLLM's form) is optional and checked against the
+        groups. Afterwards a staying rank serves with the new placement over
+        `groups.new_group`; a leaving rank is released (its `step()` raises).
+
+        Raises `ExpertsLost` (with ``on_failure="raise"``) when a leaving rank
+        died before handing off experts no one else held; the new placement is
+        in force, and the report names the experts and slots to reload.
+        """
+        if self._released:
+            raise RuntimeError("this rank already left the deployment")
+        work = Reconfiguration(self.config, self._drivers, groups, self._step, self._device,
+                               self._faults, rank_mapping)
+        return await self._reconfigure(work, groups)
+
+    @classmethod
+    async def join(cls, config: EplbConfig, groups: ElasticGroups,
+                   models: Mapping[str, MoEModel], *, device: torch.device | str | None = None,
+                   rank_mapping: Sequence[int] | None = None) -> EplbRuntime:
+        """A runtime for a joining rank: call while the old ranks call `reconfigure`.
+
+        `models` (name -> model, in the deployment's order) are built for the
+        new EP group (``groups.new_group``); their expert weights are filled by
+        the transfer, not loaded. The step counter, placements and histories
+        come from a staying rank. The report is in `last_reconfiguration`.
+        """
+        if not isinstance(models, Mapping) or not models:
+            raise ValueError("models must be a non-empty mapping of name -> model")
+        # The deployment's config, with the new rank count's redundant slots; the
+        # node count is derived during the reconfiguration (docs/elastic.md).
+        first = next(iter(models.values()))
+        runtime = cls(dataclasses.replace(
+            config, num_nodes=1,
+            num_redundant_experts=getattr(first, "num_redundant_experts", 0)),
+            group=groups.new_group, cpu_group=groups.new_cpu_group, device=device)
+        for name, model in models.items():
+            runtime.add_model(model, name)
+        work = Reconfiguration(config, runtime._drivers, groups, 0, runtime._device,
+                               runtime._faults, rank_mapping)
+        await runtime._reconfigure(work, groups)
+        return runtime
+
+    async def _reconfigure(self, work: Reconfiguration, groups: ElasticGroups) -> Reconfigured:
+        with deferred_cancellation() as cancelled:
+            report = await work.run()
+        self.last_reconfiguration = report
+        self._step = report.step
+        if work.role == "leaves":
+            self._released = True
+            self.close()
+        else:
+            assert work.new is not None
+            self._allreduce, self._mover = work.new
+            self.config = work.new_config
+            if self._liveness is not None:
+                self._liveness.close()
+            self._liveness = work.liveness
+        if cancelled:
+            raise cancelled[0]
+        if report.lost:
+            lost = "; ".join(f"model {m!r} layer {layer}: expert(s) {list(e)}"
+                             for m, layers in report.lost.items() for layer, e in layers.items())
+            message = (f"reconfiguration at step {report.step} lost experts with no surviving "
+                       f"copy (old rank(s) {list(report.unavailable_ranks)} could not hand "
+                       f"off): {lost}; reload them into slots {dict(report.reload_slots)}")
+            log.error("%s", message)
+            for driver in self._drivers.values():
+                driver.stats.failed += 1
+                driver.stats.last_error = message
+            if self.config.on_failure == "raise":
+                raise ExpertsLost(message, report=report)
+        return report
 
     # -- views --------------------------------------------------------------------------
 

@@ -78,6 +78,12 @@ class TaggedMoEModel:
         self.logical_to_physical_map = logical_to_physical_map
         self.logical_replica_count = logical_replica_count
 
+    def resize_ep(self, group: Any, rank: int, world_size: int) -> None:
+        """The EP group changed (elastic EP): same slots per rank, new rank and count."""
+        self.rank = rank
+        self.num_physical_experts = world_size * self.num_local_physical_experts
+        self.num_redundant_experts = self.num_physical_experts - self.num_logical_experts
+
     def wrong_slots(self, physical_to_logical: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
         """(layer, local slot) pairs whose weights are not the mapped expert's."""
         wrong = []

@@ -65,3 +65,25 @@ def test_diagram_is_generated_from_the_table() -> None:
     for state in STATES:
         assert state in text
     assert "awaiting_all_ranks --> committing: round_resolved [all_ready]" in text
+
+
+def test_elastic_path_handoff_salvage_and_release() -> None:
+    lc = Lifecycle()
+    assert _walk(lc, [("reconfigure", Facts()), ("handoff_resolved", Facts(all_ready=True)),
+                      ("resized", Facts())]) == ["reconfiguring", "resizing", "collecting"]
+    lc = Lifecycle()
+    assert _walk(lc, [("reconfigure", Facts()), ("handoff_resolved", Facts()),
+                      ("salvaged", Facts()), ("resized", Facts(nothing_lost=False)),
+                      ("recover", Facts())]) == [
+        "reconfiguring", "salvaging", "resizing", "failed", "collecting"]
+    lc = Lifecycle()
+    assert _walk(lc, [("reconfigure", Facts()), ("handed_off", Facts())]) == [
+        "reconfiguring", "released"]
+    assert not lc.may_fire("recover") and not lc.may_fire("interval_reached")
+
+
+def test_reconfigure_only_from_collecting() -> None:
+    lc = Lifecycle()
+    lc.fire("interval_reached", 0)
+    with pytest.raises(MachineError):
+        lc.fire("reconfigure", 1)

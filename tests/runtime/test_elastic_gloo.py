@@ -1,0 +1,210 @@
+"""Elastic EP on real gloo processes: 4 -> 2, 4 -> 3 (a middle rank leaves), 2 -> 4, and a
+leaving rank that dies before handing off (experts lost, or nothing lost thanks to replicas).
+
+After each reconfiguration, every slot on every remaining rank holds the weights of the
+expert its map names (joining ranks start from poisoned weights, so theirs came from the
+transfer), every logical expert has a replica, the maps agree across ranks, and the
+remaining ranks' histories are identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from eplb_fsm import (
+    ElasticGroups,
+    EplbConfig,
+    EplbRuntime,
+    ExpertsLost,
+    Placement,
+    RebalanceFailed,
+)
+from eplb_fsm.testing import Faults, TaggedMoEModel, inject_faults, run_ranks
+
+L, E, LOCAL = 2, 6, 3  # 3 slots per rank: 2 ranks hold 6 slots (no spare), 4 hold 12
+TIMEOUT_S = 3.0
+
+
+def _config(ranks: int) -> EplbConfig:
+    return EplbConfig(window_size=8, step_interval=10**6, num_redundant_experts=ranks * LOCAL - E,
+                      readiness_lag=1, peer_timeout_s=TIMEOUT_S)
+
+
+def _feed(model: TaggedMoEModel, step: int) -> None:
+    l2p = model.logical_to_physical_map.numpy()
+    count = model.logical_replica_count.numpy()
+    load = np.arange(1, E + 1) ** 2
+    for layer in range(L):
+        for expert in range(E):
+            slots = l2p[layer, expert, :count[layer, expert]]
+            model.expert_load_view[layer, slots] += int(load[expert]) // len(slots) + step % 2
+
+
+def _state(rt: EplbRuntime, model: TaggedMoEModel) -> dict[str, Any]:
+    p = rt.placement()
+    return {
+        "wrong_slots": model.wrong_slots(p.physical_to_logical),
+        "maps_agree": bool(np.array_equal(model.logical_to_physical_map.numpy(),
+                                          p.logical_to_physical)
+                           and np.array_equal(model.logical_replica_count.numpy(),
+                                              p.replica_count)),
+        "min_replicas": int(p.replica_count.min()),
+        "placement": p.physical_to_logical.tolist(),
+        "history": [tuple(r) for r in rt.history()],
+        "step": rt.step_count,
+        "phase": rt.phase(),
+    }
+
+
+def _rank_main(rank: int, world: int, old: list[int], new: list[int], initial: list[int] | None,
+               die: bool) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        old_group = dist.new_group(old, backend="gloo")  # every process creates every group
+        old_cpu = dist.new_group(old, backend="gloo")
+        groups = ElasticGroups.create(old, new)
+        result: dict[str, Any] = {"role": groups.role(rank)}
+        if rank in old:
+            rt = EplbRuntime(_config(len(old)), group=old_group, cpu_group=old_cpu)
+            model = TaggedMoEModel(old.index(rank), len(old), L, E, len(old) * LOCAL - E)
+            placement = None
+            if initial is not None:
+                placement = Placement(np.tile(initial, (L, 1)), E)
+                _retag(model, placement)
+            rt.add_model(model, "main", placement=placement)
+            if die and groups.role(rank) == "leaves":
+                faults = Faults()
+                faults.actions["handoff"] = lambda *_: os._exit(17)
+                inject_faults(rt, faults)
+            for step in range(1, 13):  # serve a little: a window and a rebalance-free history
+                _feed(model, step)
+                await rt.step()
+            before = rt.history()
+            start = time.monotonic()
+            try:
+                report = await rt.reconfigure(groups, rank_mapping=groups.rank_mapping)
+                result["report"] = report
+            except ExpertsLost as exc:
+                result["lost"] = {k: dict(v) for k, v in exc.lost.items()}
+                result["report"] = exc.report
+            except RebalanceFailed as exc:
+                result["error"] = str(exc)
+            result["seconds"] = time.monotonic() - start
+            result["history_before"] = [tuple(r) for r in before]
+            if groups.role(rank) == "leaves":
+                with pytest.raises(RuntimeError, match="left the deployment"):
+                    await rt.step()
+                result["phase"] = rt.phase()
+                return result
+        else:
+            new_rank = new.index(rank)
+            model = TaggedMoEModel(new_rank, len(new), L, E, len(new) * LOCAL - E)
+            for tensors in model.expert_weights:  # poison: weights must come from the transfer
+                for tensor in tensors:
+                    tensor.fill_(-7)
+            rt = await EplbRuntime.join(_config(len(old)), groups, {"main": model})
+            result["report"] = rt.last_reconfiguration
+        result.update(_state(rt, model))
+        for step in range(3):  # serving goes on in the new rank set
+            _feed(model, step)
+            await rt.step()
+        result["after"] = _state(rt, model)
+        rt.close()
+        return result
+
+    torch.manual_seed(rank)
+    return asyncio.run(main())
+
+
+def _retag(model: TaggedMoEModel, placement: Any) -> None:
+    """Fill `model`'s slots for a non-default `placement`."""
+    n = model.num_local_physical_experts
+    for layer, tensors in enumerate(model.expert_weights):
+        for slot in range(n):
+            expert = int(placement.physical_to_logical[layer, model.rank * n + slot])
+            for i, tensor in enumerate(tensors):
+                tensor[slot] = model.tag(layer, expert, i)
+
+
+def _remaining(results: list[dict[str, Any]], new: list[int]) -> list[dict[str, Any]]:
+    kept = [results[r] for r in new]
+    for r in kept:
+        assert r["wrong_slots"] == [], r["wrong_slots"]
+        assert r["maps_agree"] and r["min_replicas"] >= 1
+        assert r["after"]["wrong_slots"] == [] and r["after"]["phase"] == "collecting"
+        assert len(r["placement"][0]) == len(new) * LOCAL
+    assert all(r["history"] == kept[0]["history"] for r in kept)
+    assert all(r["placement"] == kept[0]["placement"] for r in kept)
+    assert all(r["step"] == 12 for r in kept)
+    return kept
+
+
+@pytest.mark.parametrize(("world", "old", "new"), [
+    (4, [0, 1, 2, 3], [0, 1]),
+    (4, [0, 1, 2, 3], [0, 1, 3]),
+    (4, [0, 1], [0, 1, 2, 3]),
+], ids=["4to2", "4to3_middle_leaves", "2to4"])
+def test_scale_keeps_every_slot_true_and_histories_equal(world: int, old: list[int],
+                                                         new: list[int]) -> None:
+    results = run_ranks(_rank_main, world, old, new, None, False, timeout=90)
+    kept = _remaining(results, new)
+    tail = [(s, a, b, t) for s, a, b, t in kept[0]["history"] if s == 12]
+    assert [(a, b) for _, a, b, _ in tail] == [
+        ("collecting", "reconfiguring"), ("reconfiguring", "resizing"),
+        ("resizing", "collecting")]
+    for r in kept:
+        assert r["report"].num_new_ranks == len(new) and not r["report"].salvaged
+        assert r["report"].rank_mapping == tuple(new.index(g) if g in new else -1 for g in old)
+    for rank in set(old) - set(new):
+        assert results[rank]["phase"] == "released"
+        assert results[rank]["history_before"] == kept[0]["history"][:-3]
+    if set(new) - set(old):  # joining ranks received every slot over the network
+        assert all(results[r]["report"].bytes_received > 0 for r in set(new) - set(old))
+
+
+# 4 -> 3, old rank 2 leaves and dies at its first handoff. Slots 6..8 are rank 2's.
+ONLY_ON_2 = [0, 1, 2, 3, 0, 1, 4, 5, 2, 3, 0, 1]  # experts 4 and 5 live only on rank 2
+REPLICATED = [0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 2, 3]  # rank 2's experts are also on 1 and 3
+
+
+@pytest.mark.parametrize(("initial", "lost"), [(ONLY_ON_2, [4, 5]), (REPLICATED, [])],
+                         ids=["sole_copies_lost", "replicas_elsewhere"])
+def test_leaving_rank_that_dies_before_handoff(initial: list[int], lost: list[int]) -> None:
+    start = time.monotonic()
+    results = run_ranks(_rank_main, 4, [0, 1, 2, 3], [0, 1, 3], initial, True, timeout=90,
+                        may_die=(2,))
+    assert results[2] is None, "rank 2 was to die"
+    assert time.monotonic() - start < 60
+    kept = [results[r] for r in (0, 1, 3)]
+    for r in kept:
+        assert r["seconds"] < 6 * TIMEOUT_S + 5, "survivors took too long"
+        report = r["report"]
+        assert report.salvaged and report.unavailable_ranks == (2,)
+        assert r["maps_agree"] and r["min_replicas"] >= 1
+        if lost:
+            assert r["lost"] == {"main": {0: tuple(lost), 1: tuple(lost)}}
+            p2l = np.asarray(r["placement"])
+            reload = report.reload_slots["main"]
+            for layer in range(L):
+                assert set(p2l[layer, list(reload[layer])].tolist()) == set(lost)
+            # Every slot but the lost experts' holds the right weights.
+            n = LOCAL
+            rank = kept.index(r)
+            allowed = {(layer, s - rank * n) for layer in range(L) for s in reload[layer]
+                       if rank * n <= s < (rank + 1) * n}
+            assert set(r["wrong_slots"]) <= allowed
+            assert r["phase"] == "failed" and r["after"]["phase"] == "collecting"
+        else:
+            assert "lost" not in r and not report.lost
+            assert r["wrong_slots"] == [] and r["after"]["wrong_slots"] == []
+            assert r["phase"] == "collecting"
+    assert all(r["history"] == kept[0]["history"] for r in kept)
+    states = [(a, b) for s, a, b, _ in kept[0]["history"] if s == 12]
+    assert ("reconfiguring", "salvaging") in states and ("salvaging", "resizing") in states

@@ -20,7 +20,7 @@ GPU over NCCL, all runs in the same processes, on the same trace:
   first saw the transfer ready.
 - An idle ``step()`` taken apart (``probe`` run: ``off`` with timers): an
   empty coroutine first thing after the forward pass (cold) and again right
-  after ``step()`` (warm); ``step()`` split into ``ModelDriver.step`` (and
+  after ``step()`` (warm); ``step()`` split into ``ModelDriver.record_pass`` (and
   its load-window record, every ``load_record_interval``-th pass: the only
   CUDA calls of an idle step) and the rest of ``EplbRuntime.step``; the same
   idle step of a second, single-rank runtime run right after (warm code,
@@ -36,7 +36,7 @@ tables last, with the card's name.
 
 Reaches into two private attributes, as step_bench.py does: the runtime's
 weight mover (``_mover``, to time its ``stage()``) and its driver
-(``_drivers``, probe run only, to time ``ModelDriver.step`` and its record).
+(``_drivers``, probe run only, to time ``ModelDriver.record_pass`` and its record).
 """
 
 from __future__ import annotations
@@ -234,12 +234,13 @@ class IdleProbe:
         self._gcs = 0
         self._suspended = 0
         driver = runtime._drivers["main"]
-        step, record = driver.step, driver._record
+        step, record = driver.record_pass, driver._record
 
-        async def timed_step(number: int, is_dummy: bool) -> None:
+        def timed_step(number: int, is_dummy: bool) -> bool:
             start = time.perf_counter()
-            await step(number, is_dummy)
+            due = step(number, is_dummy)
             self._driver_us = (time.perf_counter() - start) * 1e6
+            return due
 
         def timed_record() -> None:
             start = time.perf_counter()
@@ -247,7 +248,7 @@ class IdleProbe:
             self._record_us = (time.perf_counter() - start) * 1e6
 
         # Instance attributes shadow the methods for this driver only.
-        setattr(driver, "step", timed_step)  # noqa: B010
+        setattr(driver, "record_pass", timed_step)  # noqa: B010
         setattr(driver, "_record", timed_record)  # noqa: B010
 
     def _gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -293,7 +294,7 @@ class IdleProbe:
         step_us = (t2 - t1) * 1e6
         self.add("empty coroutine, first after forward", (t1 - t0) * 1e6)
         self.add(f"step() [{kind}]", step_us)
-        self.add(f"  ModelDriver.step [{kind}]", self._driver_us)
+        self.add(f"  ModelDriver.record_pass [{kind}]", self._driver_us)
         if self._record_us:
             self.add("    load-window record (copy + zero)", self._record_us)
         self.add(f"  EplbRuntime.step rest [{kind}]", step_us - self._driver_us)

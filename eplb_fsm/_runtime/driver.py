@@ -112,13 +112,30 @@ class ModelDriver:
         self._load_view.zero_()
         self._pending = 0
 
-    async def step(self, step: int, is_dummy: bool) -> None:
+    def record_pass(self, step: int, is_dummy: bool) -> bool:
+        """The synchronous part of a step: account for the pass's load.
+
+        Returns whether this step has agreed work, i.e. whether the runtime
+        must await `advance`. Most steps have none; answering without a
+        coroutine keeps an idle step to a few microseconds (a cache-cold
+        coroutine and context manager cost more than the work itself).
+        """
         if not is_dummy:
             self._pending += 1
             if self._pending >= self._record_every:
                 self._record()
         elif self._pending == 0:
             self._load_view.zero_()  # drop the dummy pass's load exactly
+        job = self._job
+        interval_reached = step % self.config.step_interval == 0
+        if job is not None and interval_reached:
+            self.stats.skipped += 1  # an interval came while the last rebalance runs
+        return (self._balance_log is not None or self.state == lc.FAILED
+                or (job is None and interval_reached)
+                or (job is not None and step >= job.due))
+
+    async def advance(self, step: int, is_dummy: bool) -> None:
+        """The agreed work of `step`, after `record_pass` returned True for it."""
         if self._balance_log is not None:
             per_layer = await self._balance_log.step(step, is_dummy, self._window)
             if per_layer is not None:
@@ -133,8 +150,6 @@ class ModelDriver:
                 else:
                     await self.rearrange_now(step)
             return
-        if step % self.config.step_interval == 0:
-            self.stats.skipped += 1  # an interval came while the last rebalance runs
         if step < job.due:
             return
         try:

@@ -245,11 +245,15 @@ class EplbRuntime:
             raise RuntimeError("this rank left the deployment (EplbRuntime.reconfigure "
                                "released it); it has nothing left to balance")
         self._step += 1
+        step = self._step
+        due = [d for d in self._drivers.values() if d.record_pass(step, is_dummy)]
+        if not due:
+            return  # nothing agreed at this step: no await, nothing to cancel
         errors: list[RebalanceFailed] = []
         with deferred_cancellation() as cancelled:
-            for driver in self._drivers.values():
+            for driver in due:
                 try:
-                    await driver.step(self._step, is_dummy)
+                    await driver.advance(step, is_dummy)
                 except RebalanceFailed as exc:
                     errors.append(exc)
         if cancelled:

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ._adapters.pull import shared_empty
 from ._adapters.transfer import StagedLayers, TransferEngine, Weights
+from ._core.transfer_channels import ChannelMap, decide_channels
 from ._core.transfer_plan import (
     Duplicate,
     LayerPlan,
@@ -32,6 +34,7 @@ from ._core.transfer_plan import (
 )
 
 __all__ = [
+    "ChannelMap",
     "Duplicate",
     "LayerPlan",
     "LocalCopy",
@@ -40,10 +43,12 @@ __all__ = [
     "Transfer",
     "TransferEngine",
     "TransferPlan",
+    "decide_channels",
     "plan_layer",
     "plan_layers",
     "rearrange_weights",
     "required_transfers",
+    "shared_empty",
 ]
 
 

@@ -76,11 +76,14 @@ class InFlight:
     """
 
     def __init__(self, works: list[Any], event: torch.cuda.Event | None,
-                 buffers: list[torch.Tensor], waiter: Waiter) -> None:
+                 buffers: list[torch.Tensor], waiter: Waiter,
+                 error: BaseException | None = None) -> None:
         self.works = works
         self.event = event
         self.buffers = buffers
-        self.error: BaseException | None = None
+        # Preset when the launch itself knows the result is unusable (weights
+        # reallocated since sharing): reported by `ready()` once the work is done.
+        self.error: BaseException | None = error
         self._finished: threading.Event | None = None
         if event is None and works:
             self._finished = threading.Event()
@@ -123,7 +126,9 @@ class StagedLayers:
 
     def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
                  inflight: InFlight, staging: torch.Tensor, offsets: dict[tuple[int, int], int],
-                 bytes_received: int, keep_until_done: Callable[[InFlight], None]) -> None:
+                 bytes_received: int, keep_until_done: Callable[[InFlight], None],
+                 pulls: bool = False,
+                 note_commit: Callable[[torch.cuda.Event], None] | None = None) -> None:
         self._sched = sched
         self._weights = expert_weights
         self._device = device
@@ -132,6 +137,8 @@ class StagedLayers:
         self._offsets = offsets  # (layer, expert) -> byte offset of its staged row
         self._bytes_received = bytes_received
         self._keep_until_done = keep_until_done
+        self._pulls = pulls
+        self._note_commit = note_commit
         self._committed: set[int] = set()
         self._released = False
         self._completed = False
@@ -163,7 +170,8 @@ class StagedLayers:
             return False
         if self._inflight.error is not None:
             raise RuntimeError(f"the transfer of layers {self.layers} failed on rank "
-                               f"{self._sched.rank}") from self._inflight.error
+                               f"{self._sched.rank}: {self._inflight.error}"
+                               ) from self._inflight.error
         self._completed = True
         # Sends are done: the send buffer can go back to the allocator now.
         self._inflight.buffers = []
@@ -204,6 +212,10 @@ class StagedLayers:
                 self._committed.add(layer)
         if stream is not None:
             self._staging.record_stream(stream)  # reused only after these copies ran
+            if self._note_commit is not None:
+                committed = torch.cuda.Event()
+                committed.record(stream)
+                self._note_commit(committed)
         if not self._pending():
             self._drop()
 
@@ -223,6 +235,13 @@ class StagedLayers:
         self._drop()
 
     # -- helpers beyond the protocol -------------------------------------------------------
+
+    @property
+    def pulls(self) -> bool:
+        """Whether the agreed channels route any pair to a pull (the same on every
+        rank): then a rank's own `ready()` does not cover peers' reads of its live
+        weights, and commit must wait for *every* rank's readiness."""
+        return self._pulls
 
     @property
     def schedule(self) -> RankSchedule:

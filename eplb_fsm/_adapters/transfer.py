@@ -38,11 +38,25 @@ Why it is shaped this way:
 - **Sends are safe to read until every rank is ready.** `ready()` covers this
   rank's sends as well as its receives, and the protocol commits only once
   every rank is ready, so no live slot is overwritten while it is packed.
+- **Within a node, receivers pull** (``path="auto"``, the default). NCCL's
+  kernels occupy SMs and slowed a concurrent GEMM stream by 27-40% on H200s;
+  a copy-engine copy out of a peer's memory slowed it by 5-9% at higher
+  bandwidth. After `share_weights` (a collective, once per set of weights),
+  a receiver copies each expert it needs from a same-node sender straight
+  out of the sender's *live* weights into its staging row, on its side
+  stream, after the network launch; the sender does nothing for that pair.
+  No sender-side staging is needed because a sender overwrites its live
+  slots only at commit, and no rank commits before every rank -- each
+  rank's `ready()` covering its own pulls -- has reported ready (docs/transfers.md).
+  Pairs on different nodes, or that could not map each other's weights,
+  keep send/recv; every rank derives the same per-pair choice from facts the
+  sharing collective made common (`_core.transfer_channels`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,14 +66,19 @@ import numpy.typing as npt
 import torch
 import torch.distributed as dist
 
+from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
 from .._core.transfer_schedule import RankSchedule, aligned, auto_pieces, schedule
+from .pull import SharedWeights
+from .pull import share_weights as _share_weights
 from .staged import InFlight, StagedLayers, Waiter, Weights, slot_nbytes, typed_view
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
 
 __all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
+
+log = logging.getLogger("eplb_fsm")
 
 
 @dataclass(frozen=True)
@@ -82,16 +101,25 @@ class TransferEngine:
     group with both, ``"cpu:gloo,cuda:nccl"``, serves both). With NCCL, call
     ``torch.cuda.set_device`` first (torch requires it for batched P2P).
 
-    `node_size` (ranks per node) makes the plan prefer same-node senders.
+    `node_size` (ranks per node) makes the plan prefer same-node senders,
+    and splits a host into nodes of that many ranks for the pull path.
     `pieces` splits each peer's message into that many launches so that
     packing overlaps sending; ``"auto"`` (the default) uses 2 for large
-    stages and 1 otherwise (see `_core.transfer_schedule`). Every rank of the
-    group must use the same setting.
+    stages and 1 otherwise (see `_core.transfer_schedule`).
+
+    `path` picks the channel per pair of ranks once `share_weights` has run:
+    ``"auto"`` pulls within a node where the pair could map each other's
+    weights and sends across nodes (falling back to send/recv, logged once,
+    where it cannot pull); ``"nccl"`` always sends; ``"pull"`` pulls every
+    pair and raises where it cannot. `cpu_group` (default: `group`) carries
+    the handle-sharing collective. Every rank of the group must use the same
+    settings.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  device: torch.device | str | None = None, node_size: int | None = None,
-                 pieces: int | Literal["auto"] = "auto") -> None:
+                 pieces: int | Literal["auto"] = "auto", path: str = "auto",
+                 cpu_group: dist.ProcessGroup | None = None) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TransferEngine needs an initialized torch.distributed "
                                "process group (dist.init_process_group)")
@@ -100,6 +128,10 @@ class TransferEngine:
         if pieces != "auto" and (not isinstance(pieces, int) or isinstance(pieces, bool)
                                  or pieces < 1):
             raise ValueError(f"pieces must be a positive int or 'auto', got {pieces!r}")
+        self.path: TransferPath = check_path(path, "path")
+        self._cpu_group = cpu_group
+        self._shared: list[SharedWeights] = []
+        self._said: set[str] = set()  # log lines already written (each once per engine)
         self._group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
@@ -109,6 +141,7 @@ class TransferEngine:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._warm = False
         self._draining: list[InFlight] = []
+        self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
 
     # -- the WeightMover protocol ----------------------------------------------------------
@@ -146,9 +179,54 @@ class TransferEngine:
                              f"{tuple(layers)}")
         device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
                                     prepared.layers)
+        shared, problem = self._shared_for(expert_weights, prepared.layers)
         self._prune()
         with torch.no_grad():
-            return self._launch(prepared.schedule, expert_weights, device)
+            return self._launch(prepared.schedule, expert_weights, device, shared, problem)
+
+    def share_weights(self, expert_weights: Weights) -> ChannelMap:
+        """Collective: share handles to `expert_weights` with same-node peers and
+        agree on every pair's channel; returns the agreed `ChannelMap`.
+
+        All ranks call it together (on the CPU group), once per set of weights
+        -- at warm-up, when a model is added -- and again whenever the tensors
+        are reallocated: a `stage()` whose weights no longer are the memory
+        shared still launches (so peers' messages stay matched) but its
+        `ready()` raises, naming this rank, which the runtime turns into an
+        agreed failure; nothing is committed from stale memory. CPU weights
+        are pullable only when they live in shared memory
+        (`eplb_fsm.transfer.shared_empty`). With ``path="pull"`` it raises
+        ValueError on every rank when some pair cannot pull.
+        """
+        if not expert_weights or not expert_weights[0]:
+            raise ValueError("expert_weights must hold at least one layer of tensors")
+        num_local = expert_weights[0][0].shape[0]
+        device = self.check_weights(expert_weights,
+                                    (len(expert_weights), num_local * self.world_size))
+        group = self._cpu_group if self._cpu_group is not None else self._group
+        shared = _share_weights(expert_weights, group, self.path, device, self._node_size)
+        # One record per set of weights: a re-share replaces the old one.
+        self._shared = [s for s in self._shared if not s.matches(expert_weights)
+                        and s.weights is not expert_weights] + [shared]
+        if shared.channels.fallbacks:
+            mine = [f for f in shared.channels.fallbacks if self.rank in f[:2]]
+            self._say("fallback", "transfer_path=%r: %d pair(s) of ranks cannot pull and use "
+                      "send/recv instead; this rank's: %s", self.path,
+                      len(shared.channels.fallbacks),
+                      "; ".join(f"{s}->{d} ({why})" for s, d, why in mine) or "none")
+        return shared.channels
+
+    def settled(self) -> bool:
+        """Non-blocking: have this rank's committed copies run on the device?
+
+        A commit only queues copies on the current stream. A peer that later
+        *pulls* from this rank's live weights reads them from another process,
+        outside this rank's stream order, so the runtime starts a new
+        transfer only once every rank reports its earlier commits settled
+        (the planning round carries this flag; see docs/transfers.md).
+        """
+        self._commits = [e for e in self._commits if not e.query()]
+        return not self._commits
 
     # -- the rest of the public surface ------------------------------------------------------
 
@@ -205,7 +283,11 @@ class TransferEngine:
             handle = self.stage(old, new, chunk, expert_weights)
             handle.wait_blocking()
             # This rank's sends are done too, so overwriting its slots cannot race a
-            # peer's read: no barrier is needed before committing.
+            # peer's send. A peer's *pull* from them is covered only by that peer's
+            # ready(): with pulls, wait for every rank before committing.
+            if handle.pulls:
+                dist.barrier(group=self._cpu_group if self._cpu_group is not None
+                             else self._group)
             handle.commit()
             received += handle.bytes_received
         if device.type == "cuda":
@@ -259,6 +341,34 @@ class TransferEngine:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _say(self, key: str, message: str, *args: Any) -> None:
+        """Log `message` once per engine and `key` (a fallback is news once, not per step)."""
+        if key not in self._said:
+            self._said.add(key)
+            log.warning(message, *args)
+
+    def _shared_for(self, expert_weights: Weights,
+                    layers: Sequence[int]) -> tuple[SharedWeights | None, str]:
+        """The sharing record for `expert_weights`, and what is wrong with it ("" if
+        nothing). Raises only where every rank raises alike (never shared + "pull")."""
+        if not self._shared:
+            if self.path == "pull" and self.world_size > 1:
+                raise ValueError("transfer_path='pull' needs share_weights(expert_weights) "
+                                 "on every rank before the first stage()")
+            if self.path == "auto" and self.world_size > 1:
+                self._say("unshared", "transfer_path='auto': expert weights were not shared "
+                          "(TransferEngine.share_weights), so every pair uses send/recv")
+            return None, ""
+        for shared in self._shared:
+            if shared.weights is expert_weights or shared.matches(expert_weights):
+                where = shared.reallocated(expert_weights, layers)
+                return shared, "" if where is None else where
+        if len(self._shared) == 1:
+            # Peers still route by the one agreement there is: launch by it, and fail.
+            return self._shared[0], "expert_weights (not the tensors shared)"
+        raise ValueError(f"rank {self.rank}: expert_weights are none of the weights passed "
+                         "to share_weights(); call share_weights() on every rank again")
+
     def _backend_for(self, device: torch.device) -> str:
         name = str(dist.get_backend(self._group))
         if ":" in name:  # "cpu:gloo,cuda:nccl"
@@ -293,13 +403,21 @@ class TransferEngine:
     def _prune(self) -> None:
         self._draining = [f for f in self._draining if not f.done()]
 
-    def _launch(self, sched: RankSchedule, expert_weights: Weights,
-                device: torch.device) -> StagedLayers:
+    def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
+                shared: SharedWeights | None, problem: str) -> StagedLayers:
         nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
                   for layer in sched.layers}
         strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
-        pieces = auto_pieces(sched.plan, strides) if self._pieces == "auto" else self._pieces
-        layout = sched.layout(strides, pieces)
+        channels = shared.channels if shared is not None else None
+        pieces = (auto_pieces(sched.plan, strides, channels=channels)
+                  if self._pieces == "auto" else self._pieces)
+        layout = sched.layout(strides, pieces, channels)
+        if (layout.pulls and device.type == "cuda"
+                and torch.cuda.current_stream(device) == torch.cuda.default_stream(device)):
+            self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
+                      "pulls' side stream serializes with it, so compute on that stream "
+                      "waits for every pull; run the model on a non-default stream "
+                      "(docs/integration.md)")
         received = sum(sum(nbytes[t.layer]) for items in sched.receives.values()
                        for t in items)
         works: list[Any] = []
@@ -321,7 +439,12 @@ class TransferEngine:
                 # torch rejects an empty list; an idle rank simply has nothing to wait for.
                 if ops:
                     works.extend(dist.batch_isend_irecv(ops))
-            # Behind the launch, so these device copies overlap the network.
+            # Behind the launch, so these device copies overlap the network. Pulls
+            # first: they are the long ones (a peer's memory over NVLink).
+            for offset, src, layer, src_slot in layout.pulls:
+                assert shared is not None
+                self._copy_slot(staging, offset, shared.peers[src][layer], src_slot,
+                                nbytes[layer])
             for offset, layer, src_slot in layout.copies:
                 self._copy_slot(staging, offset, expert_weights[layer], src_slot, nbytes[layer])
             event = None
@@ -330,9 +453,17 @@ class TransferEngine:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
                 event.record()
-        inflight = InFlight(works, event, [packed], self._waiter)
+        error = None
+        if problem:
+            error = RuntimeError(
+                f"rank {self.rank}: {problem} is not the memory shared with peers by "
+                "share_weights() (reallocated?), so peers pulled stale weights from it; "
+                "call share_weights() on every rank again")
+        inflight = InFlight(works, event, [packed], self._waiter, error)
         return StagedLayers(sched, expert_weights, device, inflight, staging,
-                            dict(layout.staging), received, self._keep_until_done)
+                            dict(layout.staging), received, self._keep_until_done,
+                            pulls=bool(channels is not None and channels.pulls),
+                            note_commit=self._commits.append)
 
     @staticmethod
     def _copy_slot(buffer: torch.Tensor, offset: int, weights: Sequence[torch.Tensor],

@@ -27,6 +27,12 @@ part both ends of every message must agree on byte for byte. Rules:
 4. **Local copies are scheduled after the launch.** A rank's own moves
    (expert already held, new slot) need no network; they go to the staging
    buffer after the messages are launched, overlapping them.
+5. **Pulled pairs leave the messages.** For a pair the `ChannelMap` routes
+   to a pull (`_core.transfer_channels`), the sender packs and sends nothing
+   and the receiver posts no receive; instead its layout lists, per item, the
+   sender's slot to copy from and the staging offset to copy to
+   (``Layout.pulls``). Staging offsets are the same as without pulls, so a
+   row's place never depends on its channel.
 
 Pure Python and numpy: computed in the planning thread (`prepare`), so the
 agreed staging step only allocates, packs and launches.
@@ -37,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .transfer_channels import ChannelMap
 from .transfer_plan import Transfer, TransferPlan
 
 __all__ = ["ALIGN", "PIECES_THRESHOLD", "Layout", "RankSchedule", "aligned", "auto_pieces",
@@ -61,6 +68,8 @@ class Layout:
       of the send buffer (grouped by destination rank, ascending).
     - ``recv_spans`` / ``send_spans``: per piece, (peer, begin, end) byte spans
       of the staging / send buffer, one per peer with bytes in that piece.
+    - ``pulls``: one (offset, src rank, layer, src slot) per item this rank
+      copies from a peer's live weights into its staging row at offset.
     """
 
     staging_bytes: int
@@ -71,6 +80,7 @@ class Layout:
     recv_spans: tuple[tuple[tuple[int, int, int], ...], ...]
     send_spans: tuple[tuple[tuple[int, int, int], ...], ...]
     packed_per_piece: tuple[int, ...]  # items of `packed` packed before piece k's launch
+    pulls: tuple[tuple[int, int, int, int], ...] = ()  # (offset, src rank, layer, src_slot)
 
     @property
     def pieces(self) -> int:
@@ -87,19 +97,28 @@ class RankSchedule:
     sends: Mapping[int, tuple[Transfer, ...]]  # by destination rank, ascending
     copies: tuple[tuple[int, int, int], ...]  # (layer, expert, src slot), once per expert
     fills: tuple[tuple[int, int, int], ...] = field(repr=False)  # (layer, dst slot, expert)
-    _layouts: dict[tuple[tuple[int, ...], int], Layout] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...]], Layout] = \
+        field(default_factory=dict, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
         return self.plan.layers
 
-    def layout(self, strides: Mapping[int, int], pieces: int = 1) -> Layout:
+    def layout(self, strides: Mapping[int, int], pieces: int = 1,
+               channels: ChannelMap | None = None) -> Layout:
         """Offsets for per-layer `strides` (bytes one expert occupies, aligned),
-        each peer's message split into `pieces` launches."""
+        each peer's message split into `pieces` launches; pairs `channels`
+        routes to a pull carry no message (default: none)."""
         _check_pieces(pieces)
-        key = (tuple(int(strides[layer]) for layer in self.layers), pieces)
+        if channels is not None and channels.num_ranks != self.plan.num_ranks:
+            raise ValueError(f"channels is for {channels.num_ranks} ranks, the plan for "
+                             f"{self.plan.num_ranks}")
+        pulled_from = channels.pulled_from(self.rank) if channels else frozenset()
+        pulled_by = channels.pulled_by(self.rank) if channels else frozenset()
+        key = (tuple(int(strides[layer]) for layer in self.layers), pieces,
+               tuple(sorted(pulled_from)), tuple(sorted(pulled_by)))
         if key not in self._layouts:  # the same model stages with the same strides
-            self._layouts[key] = _layout(self, *key)
+            self._layouts[key] = _layout(self, key[0], pieces, pulled_from, pulled_by)
         return self._layouts[key]
 
     def fills_of(self, layer: int) -> tuple[tuple[int, int], ...]:
@@ -118,21 +137,32 @@ def _check_pieces(pieces: int) -> None:
 
 
 def auto_pieces(plan: TransferPlan, strides: Mapping[int, int],
-                threshold: int = PIECES_THRESHOLD) -> int:
+                threshold: int = PIECES_THRESHOLD, channels: ChannelMap | None = None) -> int:
     """2 if the mean bytes a rank sends in `plan` exceed `threshold`, else 1.
 
-    Computed from the global plan, so every rank picks the same number (both
-    ends of a message must split it alike)."""
-    total = sum(int(strides[t.layer]) for t in plan.transfers)
+    Computed from the global plan (and the agreed `channels`: pulled items
+    are no message), so every rank picks the same number (both ends of a
+    message must split it alike)."""
+    pulls = channels.pulls if channels is not None else frozenset()
+    total = sum(int(strides[t.layer]) for t in plan.transfers
+                if (t.src_rank, t.dst_rank) not in pulls)
     return 2 if total > threshold * plan.num_ranks else 1
 
 
-def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int) -> Layout:
+def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int,
+            pulled_from: frozenset[int], pulled_by: frozenset[int]) -> Layout:
     stride = dict(zip(sched.layers, key, strict=True))
     staging: dict[tuple[int, int], int] = {}
     recv_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(pieces)]
+    pulls: list[tuple[int, int, int, int]] = []
     cursor = 0
     for src, items in sched.receives.items():
+        if src in pulled_from:  # one copy per item from the sender's live slot
+            for t in items:
+                staging[(t.layer, t.expert)] = cursor
+                pulls.append((cursor, src, t.layer, t.src_slot))
+                cursor += stride[t.layer]
+            continue
         for k, (begin, end) in enumerate(_split(len(items), pieces)):
             start = cursor
             for t in items[begin:end]:
@@ -152,9 +182,10 @@ def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int) -> Layout:
     packed: list[tuple[int, int, int]] = []
     per_piece: list[int] = []
     cursor = 0
-    splits = {dst: _split(len(items), pieces) for dst, items in sched.sends.items()}
+    sends = {dst: items for dst, items in sched.sends.items() if dst not in pulled_by}
+    splits = {dst: _split(len(items), pieces) for dst, items in sends.items()}
     for k in range(pieces):
-        for dst, items in sched.sends.items():
+        for dst, items in sends.items():
             begin, end = splits[dst][k]
             start = cursor
             for t in items[begin:end]:
@@ -165,7 +196,7 @@ def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int) -> Layout:
         per_piece.append(len(packed))
     return Layout(staging_bytes, cursor, staging, tuple(packed), tuple(copies),
                   tuple(map(tuple, recv_spans)), tuple(map(tuple, send_spans)),
-                  tuple(per_piece))
+                  tuple(per_piece), tuple(pulls))
 
 
 def schedule(plan: TransferPlan, rank: int) -> RankSchedule:

@@ -45,6 +45,13 @@ class EplbConfig:
       pass inside a partly filled interval is counted with its real neighbours
       (a dummy pass carries a token or two); with 1, dummy passes are dropped
       exactly.
+    - ``transfer_path``: how weights move between a pair of ranks. ``"auto"``
+      pulls within a node (the receiver copies from the sender's live
+      weights through CUDA IPC / shared memory: copy engines, no SMs, so the
+      serving GEMMs slow down far less than under NCCL) and uses NCCL across
+      nodes, falling back to NCCL where it cannot pull; ``"nccl"`` always
+      sends; ``"pull"`` pulls every pair and fails where it cannot. See
+      docs/transfers.md.
     """
 
     window_size: int = 1000
@@ -65,6 +72,7 @@ class EplbConfig:
     minimize_moves: bool = True
     policy_options: Mapping[str, Any] | None = None
     load_record_interval: int | None = None
+    transfer_path: Literal["auto", "nccl", "pull"] = "auto"
 
     def __post_init__(self) -> None:
         positive = ("window_size", "step_interval", "log_balancedness_interval",
@@ -103,6 +111,9 @@ class EplbConfig:
                 or not 0 < timeout <= 86_400:
             raise ValueError(f"EplbConfig.peer_timeout_s must be > 0 and <= 86400 s, got "
                              f"{timeout!r}")
+        if self.transfer_path not in ("auto", "nccl", "pull"):
+            raise ValueError(f"EplbConfig.transfer_path must be 'auto', 'nccl' or 'pull', got "
+                             f"{self.transfer_path!r}")
         if self.on_failure not in ("raise", "absorb"):
             raise ValueError(f"EplbConfig.on_failure must be 'raise' or 'absorb', got "
                              f"{self.on_failure!r}")

@@ -239,7 +239,10 @@ class ModelDriver:
         if error is not None:
             job.local_error = error
             return False
-        return True
+        # Peers may pull from this rank's live weights: its earlier commits
+        # must have run on the device first (TransferEngine.settled).
+        settled = getattr(self._mover, "settled", None)
+        return settled is None or bool(settled())
 
     def _agree_on_plan(self, job: Job, step: int) -> None:
         assert job.plan_future is not None and job.reduced_load is not None

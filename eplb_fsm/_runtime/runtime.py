@@ -124,7 +124,8 @@ class EplbRuntime:
             on_gpu = dist.get_backend(group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         device = torch.device(device)
-        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node)
+        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node,
+                               path=config.transfer_path, cpu_group=cpu_group)
         if device.type == "cuda":
             # NCCL builds its P2P communicators on the first batched send/receive,
             # which takes tens of ms; pay it here, not inside a serving step.
@@ -205,6 +206,10 @@ class EplbRuntime:
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
         _check_weights(model)
+        share = getattr(self._mover, "share_weights", None)
+        if share is not None and self.config.transfer_path != "nccl":
+            # Collective, like add_model itself: peers map these weights for pulls.
+            share(model.expert_weights)
         self._drivers[name] = driver
 
     def off(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:

@@ -804,6 +804,7 @@ VALID_CONFIG: dict[str, st.SearchStrategy[Any]] = {
     "minimize_moves": st.booleans(),
     "policy_options": st.one_of(st.none(), st.just({}), st.just({"rounds": 3})),
     "load_record_interval": st.one_of(st.none(), st.integers(1, 64)),
+    "transfer_path": st.sampled_from(["auto", "nccl", "pull"]),
 }
 
 INVALID_CONFIG: dict[str, list[Any]] = {
@@ -822,6 +823,7 @@ INVALID_CONFIG: dict[str, list[Any]] = {
     "peer_timeout_s": [0, -1.0, math.nan, -math.inf, math.inf, 86_401, 1e300, True, "60",
                        None],
     "on_failure": ["ignore", "", None, ["raise"], 1],
+    "transfer_path": ["nvlink", "", None, ["pull"], 1, "AUTO"],
     "policy_options": [[("rounds", 3)], "rounds=3", 3],
 }
 

@@ -204,4 +204,4 @@ def test_forward_collectives_and_rebalances_interleave_on_nccl(world: int,
                                                                shared: bool) -> None:
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA devices, found {torch.cuda.device_count()}")
-    _check(run_ranks(_serve, world, "nccl", shared, timeout=240))
+    _check(run_ranks(_serve, world, "nccl", shared, timeout=240, backend="nccl"))

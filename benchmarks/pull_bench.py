@@ -171,8 +171,13 @@ def _measure(engine: TransferEngine, gemm: GemmStream, alone: float, old: np.nda
     return took, slowdown
 
 
-def _pull_bound(nbytes: int, device: torch.device, repeats: int) -> float:
-    """Slowest rank's seconds for one copy of `nbytes` from the next rank's memory."""
+def _pull_bound(nbytes: int, device: torch.device, repeats: int,
+                gemm: GemmStream | None = None, alone: float = 0.0) -> tuple[float, float]:
+    """Slowest rank's seconds for one copy of `nbytes` from the next rank's memory,
+    and the mean GEMM slowdown when `gemm` runs meanwhile (NaN without).
+
+    Overlapped, it tells the copy mechanism's own sensitivity to a busy GPU
+    apart from the engine's: the same single copy, no staging, no schedule."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = (shared_empty((nbytes,), torch.uint8) if device.type == "cpu"
             else torch.empty(nbytes, dtype=torch.uint8, device=device))
@@ -181,16 +186,26 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int) -> float:
     peer = open_handle(handles[(rank + 1) % world], device)
     local = torch.empty(nbytes, dtype=torch.uint8, device=device)
     local.copy_(peer)
-    times = []
+    times, slowdowns = [], []
     for _ in range(repeats):
         dist.barrier()
         _sync(device)
+        if gemm is not None:
+            gemm.start(int(max(8, 4 * nbytes / 300e9 / alone)))
+            lo = gemm.mark()
         start = time.perf_counter()
         local.copy_(peer, non_blocking=True)
-        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # the copy, not the GEMMs
+        else:
+            _sync(device)
         times.append(_reduce(time.perf_counter() - start, device, dist.ReduceOp.MAX))
+        if gemm is not None:
+            inside = gemm.durations((lo, gemm.mark()))
+            slowdowns.append(statistics.mean(inside) / alone if inside else float("nan"))
     dist.barrier()
-    return statistics.median(times)
+    slowdown = statistics.median(slowdowns) if slowdowns else float("nan")
+    return statistics.median(times), slowdown
 
 
 def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -212,7 +227,8 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
     gemm = GemmStream(device, args["gemm_size"])
     gemm.start(args["gemm_warmup"])
     alone = statistics.median(gemm.durations()[1:] or [1e-3])
-    methods = ["nccl"] if args["only_nccl"] else ["nccl", "pull", "pull bound"]
+    methods = (["nccl"] if args["only_nccl"]
+               else ["nccl", "pull", "pull bound", "pull bound, overlapped"])
     rows = []
     for count in args["layers"]:
         layers = list(range(count))
@@ -221,10 +237,13 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         mean_bytes = _reduce(received, device, dist.ReduceOp.SUM) / world
         for method in methods:
             label = method + (", NCCL_MAX_CTAS=8" if args["only_nccl"] else "")
-            if method == "pull bound":
-                took = _pull_bound(int(mean_bytes), device, args["repeats"])
+            if method.startswith("pull bound"):
+                overlapped = method.endswith("overlapped")
+                took, slow = _pull_bound(int(mean_bytes), device, args["repeats"],
+                                         gemm if overlapped else None, alone)
                 rows.append(dict(layers=count, method=label, mb=mean_bytes / 1e6,
-                                 gbps=mean_bytes / 1e9 / took, slowdown=None))
+                                 gbps=mean_bytes / 1e9 / took,
+                                 slowdown=slow if overlapped else None))
                 continue
             engine = TransferEngine(path=method)
             engine.share_weights(weights)

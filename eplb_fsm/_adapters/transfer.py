@@ -79,6 +79,14 @@ if TYPE_CHECKING:
 __all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
 
 log = logging.getLogger("eplb_fsm")
+_unshared_told = False
+
+
+def _tell_unshared() -> None:
+    global _unshared_told
+    _unshared_told = True
+    log.info("transfer_path='auto': expert weights were not shared "
+             "(TransferEngine.share_weights), so every pair uses send/recv")
 
 
 @dataclass(frozen=True)
@@ -355,9 +363,10 @@ class TransferEngine:
             if self.path == "pull" and self.world_size > 1:
                 raise ValueError("transfer_path='pull' needs share_weights(expert_weights) "
                                  "on every rank before the first stage()")
-            if self.path == "auto" and self.world_size > 1:
-                self._say("unshared", "transfer_path='auto': expert weights were not shared "
-                          "(TransferEngine.share_weights), so every pair uses send/recv")
+            if self.path == "auto" and self.world_size > 1 and not _unshared_told:
+                # Not a fault (send/recv is the documented default without sharing),
+                # so INFO, once per process: rearrange_weights makes an engine per call.
+                _tell_unshared()
             return None, ""
         for shared in self._shared:
             if shared.weights is expert_weights or shared.matches(expert_weights):

@@ -4,6 +4,12 @@ By default it spawns ``--ranks`` CPU processes on gloo (a laptop is enough);
 under ``torchrun`` it runs in the launched processes instead (any backend,
 several nodes), and rank 0 prints. Every flag is checked before any process
 starts; a rank that dies ends the run with its error, never a hang.
+
+``--scale-at STEP:RANKS`` (repeatable) changes the serving rank set after
+pass STEP (elastic EP, docs/elastic.md): RANKS is a count N (global ranks
+0..N-1: shrinking drops the highest ranks, growing adds the next ones) or a
+comma-separated list of global ranks (``80:0,1,3`` drops rank 2 of four).
+Enough processes for every set are spawned; the spare ones idle.
 """
 
 from __future__ import annotations
@@ -40,6 +46,55 @@ def _nonneg_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
+
+
+def _scale_point(text: str) -> tuple[int, tuple[int, ...]]:
+    """``STEP:N`` (ranks 0..N-1) or ``STEP:R0,R1,...`` (global ranks) -> (step, ranks)."""
+    usage = f"expected STEP:RANKS, e.g. 80:2 or 80:0,1,3, got {text!r}"
+    step_text, sep, ranks_text = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(usage)
+    try:
+        step = int(step_text)
+        numbers = [int(part) for part in ranks_text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(usage) from None
+    if step < 1:
+        raise argparse.ArgumentTypeError(f"STEP must be >= 1, got {step} in {text!r}")
+    if "," not in ranks_text:
+        if numbers[0] < 1:
+            raise argparse.ArgumentTypeError(f"RANKS must be >= 1, got {numbers[0]} in {text!r}")
+        return step, tuple(range(numbers[0]))
+    if min(numbers) < 0 or len(set(numbers)) != len(numbers):
+        raise argparse.ArgumentTypeError(f"a RANKS list names distinct global ranks >= 0, got "
+                                         f"{ranks_text!r} in {text!r}")
+    return step, tuple(sorted(numbers))
+
+
+def _check_scale_at(points: list[tuple[int, tuple[int, ...]]], args: argparse.Namespace,
+                    ranks: int) -> None:
+    """What --scale-at implies with the other flags; raise ValueError naming it."""
+    steps = [step for step, _ in points]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"--scale-at steps must be strictly increasing, got {steps}")
+    slots = (args.experts + args.redundant) // ranks
+    current = tuple(range(ranks))
+    for step, new in points:
+        given = str(len(new)) if new == tuple(range(len(new))) else ",".join(map(str, new))
+        where = f"--scale-at {step}:{given}"
+        if step >= args.steps:
+            raise ValueError(f"{where}: STEP must be below --steps={args.steps}, so that "
+                             "passes follow the scale")
+        if len(new) * slots < args.experts:
+            raise ValueError(f"{where}: {len(new)} ranks x {slots} slots per rank = "
+                             f"{len(new) * slots} slots cannot hold --experts={args.experts} "
+                             "(slots per rank stay (--experts + --redundant) / --ranks)")
+        if new == current:
+            raise ValueError(f"{where}: the ranks {list(new)} already serve")
+        if not set(new) & set(current):
+            raise ValueError(f"{where}: no rank of {list(current)} stays; at least one must "
+                             "stay to hand the balancer's state over")
+        current = new
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +139,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(GPU); invariance is then checked within a tolerance")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="expert weight dtype (compute stays float32)")
+    p.add_argument("--scale-at", type=_scale_point, action="append", default=[],
+                   metavar="STEP:RANKS",
+                   help="after pass STEP, serve on RANKS (elastic EP; repeatable): a count N "
+                   "(ranks 0..N-1) or a list of global ranks, e.g. 80:2 or 80:0,1,3; enough "
+                   "processes for every set are spawned, spare ones idle")
     p.add_argument("--timeout", type=positive_int, default=900,
                    help="seconds before a stuck run is killed")
     p.add_argument("--report", type=Path, help="write report.json (and PNG plots) here")
@@ -111,6 +171,7 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
     if sorted(set(args.shift_at)) != list(args.shift_at):
         raise ValueError("--shift-at steps must be strictly increasing")
+    _check_scale_at(args.scale_at, args, ranks)
     trace_file = None
     if args.trace is not None:
         from .files import read_load
@@ -129,7 +190,7 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
         step_interval=args.step_interval, readiness_lag=args.readiness_lag,
         exponent=args.exponent, drift=args.drift, shift_steps=tuple(args.shift_at),
         trace_file=trace_file, seed=args.seed, check_every=args.check_every, progress=True,
-        exact=not args.fast, dtype=args.dtype)
+        exact=not args.fast, dtype=args.dtype, scale_at=tuple(args.scale_at))
     opts.eplb_config()  # the runtime's own checks, before any process starts
     opts.moe_config()
     return opts
@@ -142,10 +203,13 @@ def _under_torchrun() -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     if _under_torchrun():
+        if args.scale_at:
+            raise ValueError("--scale-at runs on spawned gloo ranks only; under torchrun the "
+                             "world's size is fixed by the launcher, so run it without torchrun")
         return _run_torchrun(args)
     opts = _options(args, args.ranks)
     try:
-        results = run_ranks(run_rank, opts.ranks, opts, timeout=args.timeout)
+        results = run_ranks(run_rank, opts.world, opts, timeout=args.timeout)
     except RankFailed as exc:
         last = str(exc).strip().splitlines()
         raise ValueError(f"the run failed: {last[0]} ... {last[-1]}") from exc

@@ -387,6 +387,12 @@ class ReferenceMoE(nn.Module):
     `set_eplb_state` on every pass; until then it uses its own, built from
     `placement`. The device and dtype are fixed at construction (``.to()`` raises:
     it would detach `expert_weights` from the tensors the runtime holds).
+
+    Elastic EP (docs/elastic.md): a rank joining a running deployment builds the
+    model with ``load_weights=False`` over the new EP group, so no expert weight
+    is read or generated on it: its slots start as NaN and the reconfiguration's
+    transfer fills them (a slot left unfilled shows in every output it touches).
+    A staying rank learns its new EP rank through `resize_ep`.
     """
 
     expert_weights: list[list[torch.Tensor]]
@@ -400,6 +406,7 @@ class ReferenceMoE(nn.Module):
         placement: Placement | None = None,
         group: Any = None,
         device: torch.device | str = "cpu",
+        load_weights: bool = True,
     ) -> None:
         super().__init__()
         if dist.is_available() and dist.is_initialized():
@@ -439,7 +446,12 @@ class ReferenceMoE(nn.Module):
             for _ in range(config.num_layers)
         ]
         self._planned = {}
-        self.load_placement_weights(placement)
+        if load_weights:
+            self.load_placement_weights(placement)
+        else:  # NaN, not zeros: a slot the transfer never fills poisons every output it touches
+            for tensors in self.expert_weights:
+                for tensor in tensors:
+                    tensor.fill_(float("nan"))
         maps = placement.to_torch(self.device)
         self.set_eplb_state(
             torch.zeros(config.num_layers, num_physical_experts, dtype=torch.int64,
@@ -475,6 +487,28 @@ class ReferenceMoE(nn.Module):
         self.expert_load_view = expert_load_view
         self.logical_to_physical_map = logical_to_physical_map
         self.logical_replica_count = logical_replica_count
+
+    def resize_ep(self, group: Any, rank: int, world_size: int) -> None:
+        """The EP group changed (elastic EP): same slots per rank, a new rank and rank count.
+
+        The local expert tensors keep their shape (the runtime moved their
+        contents); only the dispatch changes: the group, this rank's position
+        and the number of physical slots. The runtime passes the resized maps
+        with `set_eplb_state` right after.
+        """
+        for name, value in (("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not rank < world_size:
+            raise ValueError(f"rank={rank} must be below world_size={world_size}")
+        physical = world_size * self.num_local_physical_experts
+        if physical < self.num_logical_experts:
+            raise ValueError(f"{world_size} ranks x {self.num_local_physical_experts} slots = "
+                             f"{physical} slots cannot hold {self.num_logical_experts} experts")
+        self.group = group
+        self.rank, self.world_size = rank, world_size
+        self.num_physical_experts = physical
+        self.num_redundant_experts = physical - self.num_logical_experts
 
     # -- weights and placements ------------------------------------------------------------
 

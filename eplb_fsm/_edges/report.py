@@ -9,17 +9,41 @@ JSON schema (``report.json``; all keys always present):
   ``window_size`` passes), ``last`` (mean over the last window), ``min``
   (worst single pass), plus ``per_step`` (every pass) and ``definition``.
 - ``invariance_held``: every check (every ``check_every`` passes and the
-  first pass after every commit) found the outputs bit-identical to a dense
-  single-process evaluation; ``invariance_checks``: checks per rank.
+  first pass after every commit and every scale event) found the outputs
+  bit-identical to a dense single-process evaluation; ``invariance_checks``:
+  the passes at which every serving rank checked (per rank, without scale
+  events); ``invariance_failed_steps``: the passes where a check failed.
 - ``rebalances``: ``done``, ``dropped``, ``failed``, ``started``,
   ``skipped_triggers``, and ``steps`` (the steps at which each rebalance
   began).
-- ``bytes_moved``: bytes received over all ranks for weight transfers.
+- ``bytes_moved``: bytes received over all ranks for rebalance transfers
+  (a scale event's own transfer is in its entry of ``scale_events``).
 - ``step_overhead_us``: ``p50``, ``p99``, ``max`` of ``await rt.step()``
   over every rank's steps; ``forward_us``: the same for the forward pass.
-- ``states``: steps and seconds rank 0 spent in each lifecycle state.
-- ``final_placement``: ``physical_to_logical`` [L, P] at the end.
-- ``rank_load``: ``first_window`` and ``last_window`` per-rank load [L, R].
+- ``states``: steps and seconds rank 0 spent in each lifecycle state (with
+  scale events: the lowest serving rank of each span between events).
+- ``final_placement``: ``physical_to_logical`` [L, P] at the end;
+  ``final_ranks``: the global ranks serving then; ``histories_agree``: their
+  transition histories are identical; ``history``: that history, as
+  ``[step, source, dest, trigger]`` records.
+- ``rank_load``: ``first_window`` [L, R] under the initial ranks and
+  ``last_window`` under the final ones (since the last scale event, if one
+  falls in the last window).
+- ``scale_events`` (``--scale-at``; empty without): per event ``step`` (the
+  pass after which it ran), ``requested_step`` (later only while a
+  rebalance was in flight), ``old_ranks``/``new_ranks``, ``bytes_moved``,
+  ``experts_lost`` and ``lost`` (layer -> experts with no copy left),
+  ``salvaged``, ``wrong_slots`` (slots on the new ranks whose weights are
+  not their mapped expert's), ``maps_agree`` (the model's maps are the
+  runtime's), ``min_replicas`` (the fewest replicas of any expert),
+  ``histories_agree`` (the new ranks' histories, placements and step
+  counters are identical), ``checked_next_pass`` and
+  ``invariance_held_until_next`` (every new rank checked its outputs on the
+  next pass; no check failed before the next event), ``seconds``,
+  ``balancedness_before``/``_after`` (mean over up to a window of passes on
+  each side, not crossing another event; null when no pass lies between)
+  and ``final_placement``.
+  ``scale_missed``: events never reached (a rebalance in flight to the end).
 """
 
 from __future__ import annotations
@@ -41,12 +65,101 @@ def _pct(values: list[float]) -> dict[str, float]:
             "max": float(arr.max())}
 
 
+def _merged_steps(results: list[dict[str, Any]], steps: int) -> np.ndarray:
+    """Balancedness of every pass: all-reduced, so any rank serving that pass has it."""
+    per_step: dict[int, float] = {}
+    for r in results:
+        for step, value in r["balancedness"].items():
+            per_step.setdefault(step, value)
+    return np.asarray([per_step[step] for step in range(1, steps + 1)])
+
+
+def _spans(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One counter delta per span between scale events, from that span's lowest rank
+    (serving ranks move in lockstep, so any serving rank's counts are the span's)."""
+    chosen: dict[int, dict[str, Any]] = {}
+    for r in sorted(results, key=lambda r: r["rank"]):
+        for segment in r["segments"]:
+            chosen.setdefault(segment["since"], segment["stats"])
+    return [chosen[since] for since in sorted(chosen)]
+
+
+def _summed(spans: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for span in spans:
+        for name, value in span[key].items():
+            out[name] = out.get(name, 0) + value
+    return out
+
+
+def _window_mean(bal: np.ndarray, start: int, stop: int) -> float | None:
+    """Mean balancedness of passes start+1..stop; None when there is none."""
+    part = bal[start:stop]
+    return float(part.mean()) if part.size else None
+
+
+def _scale_events(opts: SimulateOptions, results: list[dict[str, Any]],
+                  bal: np.ndarray) -> list[dict[str, Any]]:
+    """Each scale event as the new ranks saw it, checked across them. Keyed by the
+    requested step (unique): a deferred event can run at the same step as the next."""
+    by_request: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for r in results:
+        for event in r["scale_events"]:
+            by_request.setdefault(event["requested_step"], []).append((r["rank"], event))
+    requests = sorted(by_request)
+    ran = [by_request[q][0][1]["step"] for q in requests]
+    window = max(1, min(opts.window_size, opts.steps))
+    checks = {r["rank"]: set(r["check_steps"]) for r in results}
+    out = []
+    for index, requested in enumerate(requests):
+        seen = sorted(by_request[requested], key=lambda pair: pair[0])
+        first = seen[0][1]
+        step = first["step"]
+        new = [e for _, e in seen if e["role"] in ("stays", "joins")]
+        lost = new[0]["lost"]
+        after_end = ran[index + 1] if index + 1 < len(ran) else opts.steps
+        before_start = ran[index - 1] if index else 0
+        # The ranks that serve the next pass: those of the last event run at this step.
+        serving_next = next(by_request[q][0][1]["new_ranks"] for q in reversed(requests)
+                            if by_request[q][0][1]["step"] == step)
+        failed = [s for r in results for s in r["failed_checks"] if step < s <= after_end]
+        out.append({
+            "requested_step": requested,
+            "step": step,
+            "old_ranks": first["old_ranks"],
+            "new_ranks": first["new_ranks"],
+            "bytes_moved": int(sum(e["bytes_received"] for _, e in seen)),
+            "experts_lost": int(sum(len(experts) for experts in lost.values())),
+            "lost": lost,
+            "salvaged": any(e["salvaged"] for _, e in seen),
+            "wrong_slots": int(sum(e["wrong_slots"] for e in new)),
+            "maps_agree": all(e["maps_agree"] for e in new),
+            "min_replicas": min(e["min_replicas"] for e in new),
+            "histories_agree": all(e["history"] == new[0]["history"]
+                                   and e["placement"] == new[0]["placement"]
+                                   and e["step_count"] == step for e in new),
+            "checked_next_pass": step < opts.steps and all(
+                step + 1 in checks[rank] for rank in serving_next),
+            "invariance_held_until_next": not failed,
+            "seconds": max(e["seconds"] for _, e in seen),
+            "balancedness_before": _window_mean(bal, max(before_start, step - window), step),
+            "balancedness_after": _window_mean(bal, step, min(after_end, step + window)),
+            "final_placement": new[0]["placement"],
+        })
+    return out
+
+
 def build_report(opts: SimulateOptions, results: list[dict[str, Any]]) -> dict[str, Any]:
-    first = results[0]
-    bal = np.asarray(first["balancedness"])
+    bal = _merged_steps(results, opts.steps)
     window = min(opts.window_size, len(bal))
-    stats = first["stats"]
-    begun = [step for step, _source, dest, _trigger in first["history"] if dest == "planning"]
+    ending = [r for r in sorted(results, key=lambda r: r["rank"]) if r["final"] is not None]
+    final = ending[0]["final"]
+    spans = _spans(results)
+    rebalances = _summed(spans, "rebalances")
+    begun = [step for step, _source, dest, _trigger in final["history"] if dest == "planning"]
+    check_steps = sorted({s for r in results for s in r["check_steps"]})
+    first_load = next(r["rank_load_first_window"] for r in sorted(results, key=lambda r: r["rank"])
+                      if r["rank_load_first_window"] is not None)
     return {
         "options": options_dict(opts),
         "balancedness": {
@@ -56,16 +169,24 @@ def build_report(opts: SimulateOptions, results: list[dict[str, Any]]) -> dict[s
             "min": float(bal.min()),
             "per_step": [float(b) for b in bal],
         },
-        "invariance_held": all(r["invariance_held"] for r in results),
-        "invariance_checks": min(r["invariance_checks"] for r in results),
-        "rebalances": {**stats["rebalances"], "steps": begun},
-        "bytes_moved": int(sum(r["stats"]["bytes_moved"] for r in results)),
+        "invariance_held": not any(r["failed_checks"] for r in results),
+        "invariance_checks": len(check_steps),
+        "invariance_failed_steps": sorted({s for r in results for s in r["failed_checks"]}),
+        "rebalances": {**rebalances, "steps": begun},
+        "bytes_moved": int(sum(span["bytes_moved"] for r in results
+                               for span in (s["stats"] for s in r["segments"]))),
         "step_overhead_us": _pct([t for r in results for t in r["step_overhead_us"]]),
         "forward_us": _pct([t for r in results for t in r["forward_us"]]),
-        "states": {"steps": stats["steps_in_state"], "seconds": stats["seconds_in_state"]},
-        "final_placement": first["placement"],
-        "rank_load": {"first_window": first["rank_load_first_window"],
-                      "last_window": first["rank_load_last_window"]},
+        "states": {"steps": _summed(spans, "steps_in_state"),
+                   "seconds": _summed(spans, "seconds_in_state")},
+        "final_placement": final["placement"],
+        "final_ranks": ending[0]["segments"][-1]["ranks"],
+        "histories_agree": all(r["final"]["history"] == final["history"] for r in ending),
+        "history": final["history"],
+        "rank_load": {"first_window": first_load,
+                      "last_window": ending[0]["rank_load_last_window"]},
+        "scale_events": _scale_events(opts, results, bal),
+        "scale_missed": results[0]["scale_missed"],
     }
 
 
@@ -90,11 +211,45 @@ def format_summary(report: dict[str, Any]) -> str:
         f"  {'invariance held':<24}{'yes' if report['invariance_held'] else 'NO':>10}"
         f" ({report['invariance_checks']} checks per rank, "
         f"{'bit-identical' if o['exact'] else 'within rtol/atol 1e-4'})",
-        "  steps (seconds) per state, rank 0:",
+        f"  steps (seconds) per state, {'lowest serving rank' if o['scale_at'] else 'rank 0'}:",
     ]
     for state, steps in report["states"]["steps"].items():
         lines.append(f"    {state:<22}{steps:>8} ({report['states']['seconds'][state]:.3f} s)")
+    if o["scale_at"]:
+        lines += _scale_lines(report)
     return "\n".join(lines)
+
+
+def _scale_lines(report: dict[str, Any]) -> list[str]:
+    """The scale events: only in runs with --scale-at, so other summaries stay as they were."""
+    lines = ["scale events (bytes moved over the union; balancedness over a window before "
+             "-> after):"]
+    for e in report["scale_events"]:
+        deferred = "" if e["step"] == e["requested_step"] else \
+            f" (asked for {e['requested_step']}: a rebalance was in flight)"
+        before, after = ("-" if e[key] is None else f"{e[key]:.4f}"
+                         for key in ("balancedness_before", "balancedness_after"))
+        ok = e["wrong_slots"] == 0 and e["maps_agree"] and e["min_replicas"] >= 1
+        lines += [
+            f"  step {e['step']}{deferred}: {len(e['old_ranks'])} -> {len(e['new_ranks'])} "
+            f"ranks {e['old_ranks']} -> {e['new_ranks']}",
+            f"    {'bytes moved':<22}{e['bytes_moved']:>10}",
+            f"    {'experts lost':<22}{e['experts_lost']:>10}",
+            f"    {'balancedness':<22}{before:>10} -> {after}",
+            f"    {'every slot correct':<22}{'yes' if ok else 'NO':>10}"
+            f" ({e['wrong_slots']} wrong slots, fewest replicas {e['min_replicas']})",
+            f"    {'histories agree':<22}{'yes' if e['histories_agree'] else 'NO':>10}",
+            f"    {'outputs unchanged':<22}"
+            f"{'yes' if e['checked_next_pass'] and e['invariance_held_until_next'] else 'NO':>10}"
+            " (checked on the next pass)",
+        ]
+    for m in report["scale_missed"]:
+        lines.append(f"  step {m['requested_step']} -> ranks {m['ranks']}: not done (a "
+                     "rebalance was in flight until the last pass)")
+    lines.append(f"  {'final ranks':<24}{len(report['final_ranks']):>10} "
+                 f"{report['final_ranks']}; histories agree: "
+                 f"{'yes' if report['histories_agree'] else 'NO'}")
+    return lines
 
 
 def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -114,6 +269,8 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
             report["balancedness"]["per_step"], lw=0.8)
     for step in report["rebalances"]["steps"]:
         ax.axvline(step, color="tab:red", lw=0.6, ls="--")
+    for event in report["scale_events"]:  # solid: the rank set changed after this pass
+        ax.axvline(event["step"], color="tab:green", lw=0.9)
     ax.set(xlabel="step", ylabel="balancedness (mean/max)", ylim=(0, 1.02),
            title=f"balancedness per pass, mode={report['options']['mode']} "
                  "(dashed: rebalance starts)")

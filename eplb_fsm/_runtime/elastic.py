@@ -113,14 +113,36 @@ class ExpertsLost(RebalanceFailed):
         self.report = report
 
 
-def make_transports(group: Any, cpu_group: Any, device: torch.device,
-                    config: EplbConfig) -> tuple[AllReduce, WeightMover]:
-    """The runtime's transports over a pair of groups (as `EplbRuntime.__init__` builds them)."""
+def make_transports(group: Any, cpu_group: Any, device: torch.device, config: EplbConfig,
+                    path: str | None = None) -> tuple[AllReduce, WeightMover]:
+    """The runtime's transports over a pair of groups (as `EplbRuntime.__init__` builds them).
+
+    `path` overrides ``config.transfer_path``: the union's handoff uses send/recv
+    ("nccl"), since no rank's weights were shared over the union group.
+    """
     from .._adapters.collectives import TorchAllReduce
     from .._adapters.transfer import TransferEngine
 
     return (TorchAllReduce(cpu_group),
-            TransferEngine(group, device=device, node_size=config.ranks_per_node))
+            TransferEngine(group, device=device, node_size=config.ranks_per_node,
+                           path=path or config.transfer_path, cpu_group=cpu_group))
+
+
+def share_weights(mover: WeightMover, drivers: Mapping[str, ModelDriver],
+                  config: EplbConfig) -> None:
+    """Share every model's weights over `mover`'s group, as `EplbRuntime.add_model` does.
+
+    Collective over the new ranks, one call per model in order. Why stayers
+    need it twice: a joining rank's `EplbRuntime.join` shares its (empty) model
+    in `add_model` before the reconfiguration starts, so staying ranks mirror
+    that call first; and after the resize every new rank shares again on the
+    transports it serves with, so all agree on each pair's channel.
+    """
+    share = getattr(mover, "share_weights", None)
+    if share is None or config.transfer_path == "nccl":
+        return
+    for driver in drivers.values():
+        share(driver.model.expert_weights)
 
 
 def heartbeat_for(group: Any) -> Heartbeat | None:
@@ -174,7 +196,7 @@ class Reconfiguration:
                                   len(groups.union_ranks))
         self.num_new = len(groups.new_ranks)
         self.union_reduce, self.union_mover = make_transports(
-            groups.union_group, groups.union_cpu_group, device, config)
+            groups.union_group, groups.union_cpu_group, device, config, path="nccl")
         self.new: tuple[AllReduce, WeightMover] | None = None
         if self.role != "leaves":
             self.new = make_transports(groups.new_group, groups.new_cpu_group, device, config)
@@ -186,6 +208,9 @@ class Reconfiguration:
 
     async def run(self) -> Reconfigured:
         passes = 0
+        if self.role == "stays":  # matches the joiners' add_model (see share_weights)
+            assert self.new is not None
+            share_weights(self.new[1], self.drivers, self.config)
         if self.role != "leaves":
             passes = self._handover()
         for driver in self.drivers.values():
@@ -459,3 +484,4 @@ class Reconfiguration:
             driver.config = self.new_config
             driver.resize(placement, allreduce=reduce, mover=mover, liveness=liveness,
                           carried=carried, carried_passes=passes)
+        share_weights(mover, self.drivers, self.config)

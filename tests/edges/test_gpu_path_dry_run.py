@@ -49,7 +49,7 @@ def test_gpu_path_dry_run_prints_the_tables() -> None:
         cells = _row(transfer, run)
         assert int(cells[0]) >= 1 and float(cells[1]) > 0 and float(cells[3]) > 0, cells
     # The idle-step breakdown, every part measured.
-    for part in ("empty coroutine, first after forward", "ModelDriver.step [record]",
+    for part in ("empty coroutine, first after forward", "ModelDriver.record_pass [record]",
                  "load-window record (copy + zero)", "EplbRuntime.step rest [record]",
                  "main-thread CPU time in step() [record]", "empty coroutine, right after step()",
                  "same idle step, 2nd runtime, warm", "GCs inside step()",

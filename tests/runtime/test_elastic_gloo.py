@@ -1,5 +1,6 @@
 """Elastic EP on real gloo processes: 4 -> 2, 4 -> 3 (a middle rank leaves), 2 -> 4, and a
-leaving rank that dies before handing off (experts lost, or nothing lost thanks to replicas).
+leaving rank that dies before handing off, with two models in one run: one loses the
+experts only the dead rank held, the other loses nothing thanks to replicas.
 
 After each reconfiguration, every slot on every remaining rank holds the weights of the
 expert its map names (joining ranks start from poisoned weights, so theirs came from the
@@ -48,8 +49,8 @@ def _feed(model: TaggedMoEModel, step: int) -> None:
             model.expert_load_view[layer, slots] += int(load[expert]) // len(slots) + step % 2
 
 
-def _state(rt: EplbRuntime, model: TaggedMoEModel) -> dict[str, Any]:
-    p = rt.placement()
+def _state(rt: EplbRuntime, model: TaggedMoEModel, name: str = "main") -> dict[str, Any]:
+    p = rt.placement(name)
     return {
         "wrong_slots": model.wrong_slots(p.physical_to_logical),
         "maps_agree": bool(np.array_equal(model.logical_to_physical_map.numpy(),
@@ -58,14 +59,18 @@ def _state(rt: EplbRuntime, model: TaggedMoEModel) -> dict[str, Any]:
                                               p.replica_count)),
         "min_replicas": int(p.replica_count.min()),
         "placement": p.physical_to_logical.tolist(),
-        "history": [tuple(r) for r in rt.history()],
+        "history": [tuple(r) for r in rt.history(name)],
         "step": rt.step_count,
-        "phase": rt.phase(),
+        "phase": rt.phase(name),
     }
 
 
-def _rank_main(rank: int, world: int, old: list[int], new: list[int], initial: list[int] | None,
-               die: bool) -> dict[str, Any]:
+def _rank_main(rank: int, world: int, old: list[int], new: list[int],
+               initial: dict[str, list[int]] | None, die: bool) -> dict[str, Any]:
+    """One process; `initial` maps model name -> initial placement (default: one model,
+    "main", in the default layout). Results are per model when `initial` is given."""
+    names = list(initial) if initial is not None else ["main"]
+
     async def main() -> dict[str, Any]:
         old_group = dist.new_group(old, backend="gloo")  # every process creates every group
         old_cpu = dist.new_group(old, backend="gloo")
@@ -73,20 +78,24 @@ def _rank_main(rank: int, world: int, old: list[int], new: list[int], initial: l
         result: dict[str, Any] = {"role": groups.role(rank)}
         if rank in old:
             rt = EplbRuntime(_config(len(old)), group=old_group, cpu_group=old_cpu)
-            model = TaggedMoEModel(old.index(rank), len(old), L, E, len(old) * LOCAL - E)
-            placement = None
-            if initial is not None:
-                placement = Placement(np.tile(initial, (L, 1)), E)
-                _retag(model, placement)
-            rt.add_model(model, "main", placement=placement)
+            models = {}
+            for name in names:
+                models[name] = TaggedMoEModel(old.index(rank), len(old), L, E,
+                                              len(old) * LOCAL - E)
+                placement = None
+                if initial is not None:
+                    placement = Placement(np.tile(initial[name], (L, 1)), E)
+                    _retag(models[name], placement)
+                rt.add_model(models[name], name, placement=placement)
             if die and groups.role(rank) == "leaves":
                 faults = Faults()
                 faults.actions["handoff"] = lambda *_: os._exit(17)
                 inject_faults(rt, faults)
             for step in range(1, 13):  # serve a little: a window and a rebalance-free history
-                _feed(model, step)
+                for model in models.values():
+                    _feed(model, step)
                 await rt.step()
-            before = rt.history()
+            before = rt.history(names[0])
             start = time.monotonic()
             try:
                 report = await rt.reconfigure(groups, rank_mapping=groups.rank_mapping)
@@ -105,18 +114,26 @@ def _rank_main(rank: int, world: int, old: list[int], new: list[int], initial: l
                 return result
         else:
             new_rank = new.index(rank)
-            model = TaggedMoEModel(new_rank, len(new), L, E, len(new) * LOCAL - E)
-            for tensors in model.expert_weights:  # poison: weights must come from the transfer
-                for tensor in tensors:
-                    tensor.fill_(-7)
-            rt = await EplbRuntime.join(_config(len(old)), groups, {"main": model})
+            models = {name: TaggedMoEModel(new_rank, len(new), L, E, len(new) * LOCAL - E)
+                      for name in names}
+            for model in models.values():
+                for tensors in model.expert_weights:  # poison: weights come from the transfer
+                    for tensor in tensors:
+                        tensor.fill_(-7)
+            rt = await EplbRuntime.join(_config(len(old)), groups, models)
             result["report"] = rt.last_reconfiguration
-        result.update(_state(rt, model))
+        states = {name: _state(rt, model, name) for name, model in models.items()}
         for step in range(3):  # serving goes on in the new rank set
-            _feed(model, step)
+            for model in models.values():
+                _feed(model, step)
             await rt.step()
-        result["after"] = _state(rt, model)
+        for name, model in models.items():
+            states[name]["after"] = _state(rt, model, name)
         rt.close()
+        if initial is None:
+            result.update(states["main"])
+        else:
+            result["models"] = states
         return result
 
     torch.manual_seed(rank)
@@ -174,9 +191,10 @@ ONLY_ON_2 = [0, 1, 2, 3, 0, 1, 4, 5, 2, 3, 0, 1]  # experts 4 and 5 live only on
 REPLICATED = [0, 1, 2, 3, 4, 5, 4, 5, 0, 1, 2, 3]  # rank 2's experts are also on 1 and 3
 
 
-@pytest.mark.parametrize(("initial", "lost"), [(ONLY_ON_2, [4, 5]), (REPLICATED, [])],
-                         ids=["sole_copies_lost", "replicas_elsewhere"])
-def test_leaving_rank_that_dies_before_handoff(initial: list[int], lost: list[int]) -> None:
+def test_leaving_rank_that_dies_before_handoff() -> None:
+    # Two models in one spawn: "sole" loses experts 4 and 5, "replicated" loses nothing.
+    initial = {"sole": ONLY_ON_2, "replicated": REPLICATED}
+    lost_by_model = {"sole": [4, 5], "replicated": []}
     start = time.monotonic()
     results = run_ranks(_rank_main, 4, [0, 1, 2, 3], [0, 1, 3], initial, True, timeout=90,
                         may_die=(2,))
@@ -187,24 +205,29 @@ def test_leaving_rank_that_dies_before_handoff(initial: list[int], lost: list[in
         assert r["seconds"] < 6 * TIMEOUT_S + 5, "survivors took too long"
         report = r["report"]
         assert report.salvaged and report.unavailable_ranks == (2,)
-        assert r["maps_agree"] and r["min_replicas"] >= 1
-        if lost:
-            assert r["lost"] == {"main": {0: tuple(lost), 1: tuple(lost)}}
-            p2l = np.asarray(r["placement"])
-            reload = report.reload_slots["main"]
-            for layer in range(L):
-                assert set(p2l[layer, list(reload[layer])].tolist()) == set(lost)
-            # Every slot but the lost experts' holds the right weights.
-            n = LOCAL
-            rank = kept.index(r)
-            allowed = {(layer, s - rank * n) for layer in range(L) for s in reload[layer]
-                       if rank * n <= s < (rank + 1) * n}
-            assert set(r["wrong_slots"]) <= allowed
-            assert r["phase"] == "failed" and r["after"]["phase"] == "collecting"
-        else:
-            assert "lost" not in r and not report.lost
-            assert r["wrong_slots"] == [] and r["after"]["wrong_slots"] == []
-            assert r["phase"] == "collecting"
-    assert all(r["history"] == kept[0]["history"] for r in kept)
-    states = [(a, b) for s, a, b, _ in kept[0]["history"] if s == 12]
-    assert ("reconfiguring", "salvaging") in states and ("salvaging", "resizing") in states
+        # Only the model with sole copies lost experts (ExpertsLost names it alone).
+        assert r["lost"] == {"sole": {0: (4, 5), 1: (4, 5)}}
+        assert set(report.lost) == {"sole"} and set(report.reload_slots) == {"sole"}
+        for name, lost in lost_by_model.items():
+            state = r["models"][name]
+            assert state["maps_agree"] and state["min_replicas"] >= 1, name
+            if lost:
+                p2l = np.asarray(state["placement"])
+                reload = report.reload_slots[name]
+                for layer in range(L):
+                    assert set(p2l[layer, list(reload[layer])].tolist()) == set(lost)
+                # Every slot but the lost experts' holds the right weights.
+                n = LOCAL
+                rank = kept.index(r)
+                allowed = {(layer, s - rank * n) for layer in range(L) for s in reload[layer]
+                           if rank * n <= s < (rank + 1) * n}
+                assert set(state["wrong_slots"]) <= allowed
+                assert state["phase"] == "failed" and state["after"]["phase"] == "collecting"
+            else:
+                assert state["wrong_slots"] == [] and state["after"]["wrong_slots"] == [], name
+                assert state["phase"] == "collecting", name
+    for name in initial:
+        history = kept[0]["models"][name]["history"]
+        assert all(r["models"][name]["history"] == history for r in kept), name
+        states = [(a, b) for s, a, b, _ in history if s == 12]
+        assert ("reconfiguring", "salvaging") in states and ("salvaging", "resizing") in states

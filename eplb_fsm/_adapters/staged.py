@@ -18,8 +18,7 @@ import torch
 from .._core.transfer_plan import TransferPlan
 from .._core.transfer_schedule import RankSchedule, aligned
 
-__all__ = ["InFlight", "Rows", "StagedLayers", "Waiter", "Weights", "slot_nbytes",
-           "typed_view"]
+__all__ = ["InFlight", "StagedLayers", "Waiter", "Weights", "slot_nbytes", "typed_view"]
 
 Weights = Sequence[Sequence[torch.Tensor]]
 
@@ -36,43 +35,6 @@ def typed_view(buffer: torch.Tensor, offset: int, nbytes: int,
                like: torch.Tensor) -> torch.Tensor:
     """The `nbytes` at `offset` of a uint8 `buffer` seen as one slot of `like`."""
     return buffer[offset:offset + nbytes].view(like.dtype).view(like.shape[1:])
-
-
-class Rows:
-    """Typed views of every row of a uint8 buffer of equal-sized rows.
-
-    A row holds one slot of each tensor of `like` (each aligned), the layout
-    `_core.transfer_schedule` gives every packed or staged expert when all
-    layers of a stage have the same tensor shapes (the usual case: MoE layers
-    are alike). Slicing and re-typing a view per copy cost four Python-level
-    torch calls per tensor per expert, which on the serving thread delayed
-    the launch of the transfer by milliseconds (docs/benchmarks.md); here
-    they are made once per buffer, and a copy is one ``copy_``.
-    """
-
-    def __init__(self, buffer: torch.Tensor, stride: int, like: Sequence[torch.Tensor]) -> None:
-        count = buffer.numel() // stride if stride else 0
-        grid = buffer[:count * stride].view(count, stride)
-        self.stride = stride
-        self._tensors: list[tuple[torch.Tensor, ...]] = []
-        at = 0
-        for weight in like:
-            n = slot_nbytes(weight)
-            typed = grid[:, at:at + n].view(weight.dtype).view(count, *weight.shape[1:])
-            self._tensors.append(typed.unbind(0))
-            at += aligned(n)
-
-    @staticmethod
-    def uniform(layers: Sequence[Sequence[torch.Tensor]]) -> bool:
-        """Whether every layer's tensors have the same dtypes and slot shapes."""
-        first = [(w.dtype, tuple(w.shape[1:])) for w in layers[0]] if layers else []
-        return all([(w.dtype, tuple(w.shape[1:])) for w in layer] == first
-                   for layer in layers[1:])
-
-    def row(self, offset: int) -> list[torch.Tensor]:
-        """One view per tensor of the row starting at byte `offset`."""
-        k = offset // self.stride
-        return [views[k] for views in self._tensors]
 
 
 class Waiter:
@@ -166,8 +128,7 @@ class StagedLayers:
                  inflight: InFlight, staging: torch.Tensor, offsets: dict[tuple[int, int], int],
                  bytes_received: int, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
-                 note_commit: Callable[[torch.cuda.Event], None] | None = None,
-                 rows: Rows | None = None) -> None:
+                 note_commit: Callable[[torch.cuda.Event], None] | None = None) -> None:
         self._sched = sched
         self._weights = expert_weights
         self._device = device
@@ -178,7 +139,6 @@ class StagedLayers:
         self._keep_until_done = keep_until_done
         self._pulls = pulls
         self._note_commit = note_commit
-        self._rows = rows  # typed row views of the staging buffer, when layers are alike
         self._committed: set[int] = set()
         self._released = False
         self._completed = False
@@ -314,13 +274,6 @@ class StagedLayers:
 
     def _commit_layer(self, layer: int, staging: torch.Tensor) -> None:
         weights = self._weights[layer]
-        if self._rows is not None:
-            slots = [w.unbind(0) for w in weights]
-            for slot, expert in self._sched.fills_of(layer):
-                for live, staged in zip(slots, self._rows.row(self._offsets[(layer, expert)]),
-                                        strict=True):
-                    live[slot].copy_(staged, non_blocking=True)
-            return
         sizes = [slot_nbytes(w) for w in weights]
         for slot, expert in self._sched.fills_of(layer):
             at = self._offsets[(layer, expert)]
@@ -331,5 +284,4 @@ class StagedLayers:
     def _drop(self) -> None:
         self._inflight = None
         self._staging = None
-        self._rows = None
         self._offsets = {}

@@ -71,7 +71,7 @@ from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
 from .._core.transfer_schedule import RankSchedule, aligned, auto_pieces, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
-from .staged import InFlight, Rows, StagedLayers, Waiter, Weights, slot_nbytes, typed_view
+from .staged import InFlight, StagedLayers, Waiter, Weights, slot_nbytes, typed_view
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
@@ -435,14 +435,11 @@ class TransferEngine:
                 self.warm_up(device)
             staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
             packed = torch.empty(layout.send_bytes, dtype=torch.uint8, device=device)
-            copier = _Copier(expert_weights, sched.layers, nbytes, strides)
-            stage_rows = copier.rows(staging)
-            pack_rows = copier.rows(packed)
             done = 0
             for piece, upto in enumerate(layout.packed_per_piece):
                 for offset, layer, src_slot in layout.packed[done:upto]:
-                    copier.copy(packed, pack_rows, offset, expert_weights[layer], layer,
-                                src_slot)
+                    self._copy_slot(packed, offset, expert_weights[layer], src_slot,
+                                    nbytes[layer])
                 done = upto
                 ops = [self._op(dist.irecv, staging[begin:end], src)
                        for src, begin, end in layout.recv_spans[piece]]
@@ -455,11 +452,10 @@ class TransferEngine:
             # first: they are the long ones (a peer's memory over NVLink).
             for offset, src, layer, src_slot in layout.pulls:
                 assert shared is not None
-                copier.copy(staging, stage_rows, offset, shared.peers[src][layer],
-                            (src, layer), src_slot)
+                self._copy_slot(staging, offset, shared.peers[src][layer], src_slot,
+                                nbytes[layer])
             for offset, layer, src_slot in layout.copies:
-                copier.copy(staging, stage_rows, offset, expert_weights[layer], layer,
-                            src_slot)
+                self._copy_slot(staging, offset, expert_weights[layer], src_slot, nbytes[layer])
             event = None
             if device.type == "cuda":
                 for work in works:
@@ -476,47 +472,18 @@ class TransferEngine:
         return StagedLayers(sched, expert_weights, device, inflight, staging,
                             dict(layout.staging), received, self._keep_until_done,
                             pulls=bool(channels is not None and channels.pulls),
-                            note_commit=self._commits.append, rows=stage_rows)
+                            note_commit=self._commits.append)
+
+    @staticmethod
+    def _copy_slot(buffer: torch.Tensor, offset: int, weights: Sequence[torch.Tensor],
+                   slot: int, nbytes: Sequence[int]) -> None:
+        """Copy local `slot` of every tensor of one layer into `buffer` at `offset`."""
+        for weight, n in zip(weights, nbytes, strict=True):
+            typed_view(buffer, offset, n, weight).copy_(weight[slot], non_blocking=True)
+            offset += aligned(n)
 
     def _op(self, op: Any, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(op, tensor, self._peer(peer), group=self._group)
-
-
-class _Copier:
-    """Copies one slot of each tensor of a layer into a packed or staging row.
-
-    With alike layers (`Rows.uniform`) the buffers' row views are made once
-    per stage and each source tensor is split into slot views once, so a copy
-    is one ``copy_``; otherwise each copy slices and re-types its views.
-    """
-
-    def __init__(self, expert_weights: Weights, layers: Sequence[int],
-                 nbytes: dict[int, list[int]], strides: dict[int, int]) -> None:
-        chosen = [expert_weights[layer] for layer in layers]
-        self._like = chosen[0] if chosen and Rows.uniform(chosen) else None
-        self._stride = strides[layers[0]] if layers else 0
-        self._nbytes = nbytes
-        self._slots: dict[Any, list[tuple[torch.Tensor, ...]]] = {}
-
-    def rows(self, buffer: torch.Tensor) -> Rows | None:
-        if self._like is None or not self._stride:
-            return None
-        return Rows(buffer, self._stride, self._like)
-
-    def copy(self, buffer: torch.Tensor, rows: Rows | None, offset: int,
-             weights: Sequence[torch.Tensor], key: Any, slot: int) -> None:
-        """Copy `slot` of `weights` (one layer's tensors; `key` names them) to `offset`."""
-        layer = key[1] if isinstance(key, tuple) else key
-        if rows is None:
-            for weight, n in zip(weights, self._nbytes[layer], strict=True):
-                typed_view(buffer, offset, n, weight).copy_(weight[slot], non_blocking=True)
-                offset += aligned(n)
-            return
-        slots = self._slots.get(key)
-        if slots is None:
-            slots = self._slots[key] = [w.unbind(0) for w in weights]
-        for dst, src in zip(rows.row(offset), slots, strict=True):
-            dst.copy_(src[slot], non_blocking=True)
 
 
 if TYPE_CHECKING:  # mypy proves the classes satisfy the runtime's protocols

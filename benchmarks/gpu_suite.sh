@@ -3,6 +3,8 @@
 # (see docs/benchmarks.md). Logs go to ${OUT:-/tmp/gpu}. SKIP_TRANSFER=1 skips
 # the transfer bandwidth benchmark.
 #   bash benchmarks/gpu_suite.sh
+# On 4 H200s the whole suite runs longer than one 10-minute device call;
+# its blocks are independent, so run them in separate calls.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -12,7 +14,8 @@ gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/cards.txt"
 echo "== NCCL tests: transfer engine and runtime ($gpus GPUs)"
 timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_transfer_nccl.py \
-  tests/runtime/test_nccl_runtime.py tests/runtime/test_forward_concurrency.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
+  tests/adapters/test_pull_nccl.py tests/runtime/test_nccl_runtime.py \
+  tests/runtime/test_forward_concurrency.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
 for n in 2 4; do
   [ "$gpus" -ge "$n" ] || continue
   if [ "${SKIP_TRANSFER:-0}" != 1 ]; then
@@ -20,10 +23,16 @@ for n in 2 4; do
     timeout 300 python3 benchmarks/transfer_bench.py --gpus "$n" 2>&1 | grep -v Warning \
       | tee "$out/transfer_bench_$n.txt" | tail -12
   fi
+  echo "== pull_bench on $n GPUs"
+  timeout 200 python3 benchmarks/pull_bench.py --gpus "$n" --layers 1 4 2>&1 | grep -v Warning \
+    | tee "$out/pull_bench_$n.txt" | tail -12
   echo "== gpu_path on $n GPUs"
   timeout 900 python3 benchmarks/gpu_path.py --gpus "$n" 2>&1 | grep -v Warning \
     | tee "$out/gpu_path_$n.txt" | tail -40
 done
+echo "== gpu_path on $gpus GPUs with transfer_path=auto (same-node pulls)"
+timeout 400 python3 benchmarks/gpu_path.py --gpus "$gpus" --transfer-path auto 2>&1 \
+  | grep -v -e Warning -e "legacy default" | tee "$out/gpu_path_pull_$gpus.txt" | tail -12
 echo "== simulate under torchrun, NCCL, $gpus GPUs, exact arithmetic (invariance check)"
 timeout 240 torchrun --nproc-per-node "$gpus" -m eplb_fsm simulate --steps 120 --tokens 256 \
   --step-interval 40 --window-size 20 --shift-at 60 --check-every 20 \

@@ -218,10 +218,14 @@ class TransferEngine:
                         and s.weights is not expert_weights] + [shared]
         if shared.channels.fallbacks:
             mine = [f for f in shared.channels.fallbacks if self.rank in f[:2]]
+            # On GPU a failed pull is news (peer access or IPC refused): WARNING. On
+            # CPU, weights outside shared memory are the ordinary case: INFO.
+            level = logging.WARNING if device.type == "cuda" else logging.INFO
             self._say("fallback", "transfer_path=%r: %d pair(s) of ranks cannot pull and use "
                       "send/recv instead; this rank's: %s", self.path,
                       len(shared.channels.fallbacks),
-                      "; ".join(f"{s}->{d} ({why})" for s, d, why in mine) or "none")
+                      "; ".join(f"{s}->{d} ({why})" for s, d, why in mine) or "none",
+                      level=level)
         return shared.channels
 
     def settled(self) -> bool:
@@ -349,11 +353,11 @@ class TransferEngine:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _say(self, key: str, message: str, *args: Any) -> None:
+    def _say(self, key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
         """Log `message` once per engine and `key` (a fallback is news once, not per step)."""
         if key not in self._said:
             self._said.add(key)
-            log.warning(message, *args)
+            log.log(level, message, *args)
 
     def _shared_for(self, expert_weights: Weights,
                     layers: Sequence[int]) -> tuple[SharedWeights | None, str]:

@@ -78,20 +78,6 @@ def _load(step: int) -> np.ndarray:
     return np.stack([rng.permutation(np.arange(1, E + 1) ** 2) for _ in range(L)])
 
 
-def _feed(model: TaggedMoEModel, logical: np.ndarray) -> None:
-    """Add one pass's load to the view, spread over each expert's current replicas."""
-    assert model.logical_to_physical_map is not None
-    assert model.logical_replica_count is not None and model.expert_load_view is not None
-    l2p = model.logical_to_physical_map.cpu().numpy()
-    count = model.logical_replica_count.cpu().numpy()
-    view = np.zeros(tuple(model.expert_load_view.shape), dtype=np.int64)
-    for layer in range(L):
-        for expert in range(E):
-            slots = l2p[layer, expert, :count[layer, expert]]
-            view[layer, slots] += int(logical[layer, expert]) // len(slots)
-    model.expert_load_view += torch.from_numpy(view).to(model.expert_load_view.device)
-
-
 def _forward(step: int, rank: int, world: int, reduce_group: Any, dispatch_group: Any,
              device: torch.device) -> bool:
     """One pass's collectives; True if both results are exactly what they must be.
@@ -150,7 +136,7 @@ def _serve(rank: int, world: int, backend: str, shared: bool) -> dict[str, Any]:
             in_flight += rt.phase() in IN_FLIGHT
             maps_per_pass.append(zlib.crc32(rt.placement().physical_to_logical.tobytes()))
             correct += _forward(step, rank, world, reduce_group, dispatch_group, device)
-            _feed(model, _load(step))
+            model.feed(_load(step))
             before = len(rt.history())
             await rt.step()
             if any(r.dest == "committing" for r in rt.history()[before:]):

@@ -24,12 +24,7 @@ TIMEOUT_S = 5.0
 def _feed(model: TaggedMoEModel) -> None:
     rng = np.random.default_rng(0)
     logical = np.stack([rng.permutation(np.arange(1, E + 1) ** 2) for _ in range(L)])
-    l2p = model.logical_to_physical_map.numpy()
-    count = model.logical_replica_count.numpy()
-    for layer in range(L):
-        for expert in range(E):
-            slots = l2p[layer, expert, :count[layer, expert]]
-            model.expert_load_view[layer, slots] += int(logical[layer, expert]) // len(slots)
+    model.feed(logical)
 
 
 def _die_on(nth: int) -> Any:

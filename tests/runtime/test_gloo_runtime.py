@@ -25,16 +25,6 @@ def _load(step: int, layers: int = L, experts: int = E) -> np.ndarray:
     return np.stack([rng.permutation(np.arange(1, experts + 1) ** 2) for _ in range(layers)])
 
 
-def _feed(model: TaggedMoEModel, logical: np.ndarray) -> None:
-    l2p = model.logical_to_physical_map.numpy()
-    count = model.logical_replica_count.numpy()
-    view = model.expert_load_view
-    for layer in range(logical.shape[0]):
-        for expert in range(logical.shape[1]):
-            slots = l2p[layer, expert, :count[layer, expert]]
-            view[layer, slots] += int(logical[layer, expert]) // len(slots)
-
-
 def _check_maps(rt: EplbRuntime, model: TaggedMoEModel) -> None:
     p = rt.placement()
     assert model.wrong_slots(p.physical_to_logical) == []
@@ -51,7 +41,7 @@ def _serve(rank: int, world: int, use_async: bool) -> dict:
         rt.add_model(model, "main")
         commits = 0
         for step in range(1, STEPS + 1):
-            _feed(model, _load(step))
+            model.feed(_load(step))
             dist.barrier()  # stands in for the forward pass's own collectives
             before = len(rt.history())
             await rt.step()

@@ -40,15 +40,7 @@ def _serve(rank: int, world: int, use_async: bool) -> dict[str, Any]:
         assert model.expert_load_view.is_cuda and model.logical_to_physical_map.is_cuda
         checks = 0
         for step in range(1, STEPS + 1):
-            logical = _load(step)
-            l2p = model.logical_to_physical_map.cpu().numpy()
-            count = model.logical_replica_count.cpu().numpy()
-            view = np.zeros(tuple(model.expert_load_view.shape), dtype=np.int64)
-            for layer in range(L):
-                for expert in range(E):
-                    slots = l2p[layer, expert, :count[layer, expert]]
-                    view[layer, slots] += int(logical[layer, expert]) // len(slots)
-            model.expert_load_view += torch.from_numpy(view).to(device)
+            model.feed(_load(step))
             dist.barrier()
             before = len(rt.history())
             await rt.step()

@@ -32,6 +32,24 @@ from ._faults import Faults, inject_faults
 __all__ = ["FakeCluster", "TaggedMoEModel"]
 
 
+def feed_load(model: Any, logical_load: npt.ArrayLike) -> None:
+    """Add one pass of [L, E] logical load to `model`'s load view, as a router
+    would: each expert's tokens split evenly over its current replicas (the
+    first replicas take the remainder, so the totals are exact). `model` is
+    any `MoEModel` after `set_eplb_state`."""
+    load = np.asarray(logical_load, dtype=np.int64)
+    l2p = model.logical_to_physical_map.cpu().numpy()
+    count = model.logical_replica_count.cpu().numpy()
+    view = np.zeros(tuple(model.expert_load_view.shape), dtype=np.int64)
+    for layer in range(load.shape[0]):
+        for expert in range(load.shape[1]):
+            replicas = l2p[layer, expert, :count[layer, expert]]
+            share, extra = divmod(int(load[layer, expert]), len(replicas))
+            for i, slot in enumerate(replicas):
+                view[layer, slot] += share + (1 if i < extra else 0)
+    model.expert_load_view += torch.from_numpy(view).to(model.expert_load_view.device)
+
+
 class TaggedMoEModel:
     """A `MoEModel` whose expert weights say which expert they are.
 
@@ -85,22 +103,8 @@ class TaggedMoEModel:
         self.num_redundant_experts = self.num_physical_experts - self.num_logical_experts
 
     def feed(self, logical_load: npt.ArrayLike) -> None:
-        """Add one pass of [L, E] logical load to the load view, as a router would:
-        each expert's tokens split evenly over its current replicas (the first
-        replicas take the remainder, so the totals are exact)."""
-        assert self.logical_to_physical_map is not None
-        assert self.logical_replica_count is not None and self.expert_load_view is not None
-        load = np.asarray(logical_load, dtype=np.int64)
-        l2p = self.logical_to_physical_map.cpu().numpy()
-        count = self.logical_replica_count.cpu().numpy()
-        view = np.zeros(tuple(self.expert_load_view.shape), dtype=np.int64)
-        for layer in range(load.shape[0]):
-            for expert in range(load.shape[1]):
-                replicas = l2p[layer, expert, :count[layer, expert]]
-                share, extra = divmod(int(load[layer, expert]), len(replicas))
-                for i, slot in enumerate(replicas):
-                    view[layer, slot] += share + (1 if i < extra else 0)
-        self.expert_load_view += torch.from_numpy(view).to(self.expert_load_view.device)
+        """Add one pass of [L, E] logical load to the load view (see `feed_load`)."""
+        feed_load(self, logical_load)
 
     def wrong_slots(self, physical_to_logical: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
         """(layer, local slot) pairs whose weights are not the mapped expert's."""
@@ -340,7 +344,7 @@ class FakeCluster:
 
     def feed(self, name: str, rank: int, logical_load: npt.ArrayLike) -> None:
         """Add one pass of [L, E] logical load on `rank`, spread over the replicas."""
-        self.models[name][rank].feed(logical_load)
+        feed_load(self.models[name][rank], logical_load)
 
     async def step(self, *, is_dummy: bool = False) -> list[BaseException | None]:
         """One step on every rank, concurrently; returns each rank's exception or None."""

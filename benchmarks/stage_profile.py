@@ -102,8 +102,11 @@ def rank_fn(rank: int, world: int, repeats: int) -> dict[str, Any]:
         prof = cProfile.Profile()
         send_ms = _stage_ms(nccl, old, new, layers, weights, repeats, prof)
         pull_ms = _stage_ms(pull, old, new, layers, weights, repeats)
-        peer = int(tb.plan_layers(old, new, world, layers).bytes_received(rank, 1)
-                   * sum(a * b for a, b in tb.DEEPSEEK_SHAPES) * 2 / max(world - 1, 1))
+        # One size for every pair, the same on every rank (a send and its receive
+        # must match): the plan's mean bytes per ordered pair of ranks.
+        slot_bytes = sum(a * b for a, b in tb.DEEPSEEK_SHAPES) * 2
+        moved = tb.plan_layers(old, new, world, layers).bytes_moved(slot_bytes)
+        peer = max(int(moved / (world * (world - 1))), 1)
         idle_ms = _launch_ms(peer, rank, world, False, repeats)
         busy_ms = _launch_ms(peer, rank, world, True, repeats)
         text = io.StringIO()

@@ -132,11 +132,10 @@ def share_weights(mover: WeightMover, drivers: Mapping[str, ModelDriver],
                   config: EplbConfig) -> None:
     """Share every model's weights over `mover`'s group, as `EplbRuntime.add_model` does.
 
-    Collective over the new ranks, one call per model in order. Why stayers
-    need it twice: a joining rank's `EplbRuntime.join` shares its (empty) model
-    in `add_model` before the reconfiguration starts, so staying ranks mirror
-    that call first; and after the resize every new rank shares again on the
-    transports it serves with, so all agree on each pair's channel.
+    Collective over the new ranks, one call per model in order, after the
+    resize: every new rank shares on the transports it serves with, so all
+    agree on each pair's channel (a joining rank's `join` adds its models
+    without sharing, so this is the only share of the reconfiguration).
     """
     share = getattr(mover, "share_weights", None)
     if share is None or config.transfer_path == "nccl":
@@ -208,9 +207,6 @@ class Reconfiguration:
 
     async def run(self) -> Reconfigured:
         passes = 0
-        if self.role == "stays":  # matches the joiners' add_model (see share_weights)
-            assert self.new is not None
-            share_weights(self.new[1], self.drivers, self.config)
         if self.role != "leaves":
             passes = self._handover()
         for driver in self.drivers.values():

@@ -185,6 +185,12 @@ class EplbRuntime:
         `placement` is the layout its weights are in now (default: vLLM's
         initial layout, slot i holding expert i % E).
         """
+        self._add_model(model, name, placement, share=True)
+
+    def _add_model(self, model: MoEModel, name: str, placement: Placement | None, *,
+                   share: bool) -> None:
+        """`add_model`; `share=False` skips the weight-sharing collective (a joining
+        rank's model: its peers share only once the new group exists)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty str, got {name!r}")
         if name in self._drivers:
@@ -206,10 +212,10 @@ class EplbRuntime:
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
         _check_weights(model)
-        share = getattr(self._mover, "share_weights", None)
-        if share is not None and self.config.transfer_path != "nccl":
+        share_weights = getattr(self._mover, "share_weights", None)
+        if share and share_weights is not None and self.config.transfer_path != "nccl":
             # Collective, like add_model itself: peers map these weights for pulls.
-            share(model.expert_weights)
+            share_weights(model.expert_weights)
         self._drivers[name] = driver
 
     def off(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
@@ -339,7 +345,8 @@ class EplbRuntime:
             num_redundant_experts=getattr(first, "num_redundant_experts", 0)),
             group=groups.new_group, cpu_group=groups.new_cpu_group, device=device)
         for name, model in models.items():
-            runtime.add_model(model, name)
+            # No sharing yet: every new rank shares once, after the resize.
+            runtime._add_model(model, name, None, share=False)
         work = Reconfiguration(config, runtime._drivers, groups, 0, runtime._device,
                                runtime._faults, rank_mapping)
         await runtime._reconfigure(work, groups)

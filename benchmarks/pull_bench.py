@@ -50,8 +50,11 @@ from transfer_bench import (
     DRY_SHAPES,
     card_name,
     check_markers,
+    choose_world,
     make_weights,
     random_p2l,
+    reduce_value,
+    sync_device,
 )
 
 from eplb_fsm._adapters.pull import export, open_handle
@@ -120,17 +123,6 @@ class GemmStream:
         return [b - a for a, b in pairs]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reduce(value: float, device: torch.device, op: Any) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return float(t.item())
-
-
 def _transfers(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layers: list[int],
                weights: list[list[torch.Tensor]], repeats: int) -> None:
     for _ in range(repeats):
@@ -146,14 +138,14 @@ def _measure(engine: TransferEngine, gemm: GemmStream, alone: float, old: np.nda
     """(slowest rank's seconds for `repeats` transfers, mean GEMM slowdown), overlapped."""
     _transfers(engine, old, new, layers, weights, 1)  # warm-up (allocator, communicators)
     dist.barrier()
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     _transfers(engine, old, new, layers, weights, 1)
-    single = _reduce(time.perf_counter() - start, device, dist.ReduceOp.MAX)
+    single = reduce_value(time.perf_counter() - start, device, dist.ReduceOp.MAX)
     # Enough GEMMs to outlast every repeat even if the transfers slow down 2x.
     count = int(max(8, 2.5 * single * repeats / alone))
     dist.barrier()
-    _sync(device)
+    sync_device(device)
     gemm.start(count)
     if device.type == "cpu":
         time.sleep(alone)  # let the thread get going
@@ -166,8 +158,8 @@ def _measure(engine: TransferEngine, gemm: GemmStream, alone: float, old: np.nda
     hi = gemm.mark()
     inside = gemm.durations((lo, hi))
     slowdown = statistics.mean(inside) / alone if inside else float("nan")
-    took = _reduce(took, device, dist.ReduceOp.MAX)
-    slowdown = _reduce(slowdown, device, dist.ReduceOp.SUM) / dist.get_world_size()
+    took = reduce_value(took, device, dist.ReduceOp.MAX)
+    slowdown = reduce_value(slowdown, device, dist.ReduceOp.SUM) / dist.get_world_size()
     return took, slowdown
 
 
@@ -189,7 +181,7 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int,
     times, slowdowns = [], []
     for _ in range(repeats):
         dist.barrier()
-        _sync(device)
+        sync_device(device)
         if gemm is not None:
             gemm.start(int(max(8, 4 * nbytes / 300e9 / alone)))
             lo = gemm.mark()
@@ -198,8 +190,8 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int,
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # the copy, not the GEMMs
         else:
-            _sync(device)
-        times.append(_reduce(time.perf_counter() - start, device, dist.ReduceOp.MAX))
+            sync_device(device)
+        times.append(reduce_value(time.perf_counter() - start, device, dist.ReduceOp.MAX))
         if gemm is not None:
             inside = gemm.durations((lo, gemm.mark()))
             slowdowns.append(statistics.mean(inside) / alone if inside else float("nan"))
@@ -234,7 +226,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         layers = list(range(count))
         plan = plan_layers(old, new, world, layers)
         received = plan.bytes_received(rank, slot_bytes)
-        mean_bytes = _reduce(received, device, dist.ReduceOp.SUM) / world
+        mean_bytes = reduce_value(received, device, dist.ReduceOp.SUM) / world
         for method in methods:
             label = method + (", NCCL_MAX_CTAS=8" if args["only_nccl"] else "")
             if method.startswith("pull bound"):
@@ -259,7 +251,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
                     pass
                 dist.barrier()
                 handle.commit()
-                _sync(device)
+                sync_device(device)
                 check_markers(check, new, rank, world)
                 del check, handle, check_engine
             took, slowdown = _measure(engine, gemm, alone, old, new, layers, weights,
@@ -315,14 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     if min(args["layers"]) < 1 or args["slots"] < 2 or args["repeats"] < 1:
         parser.error("--layers and --repeats must be >= 1 and --slots >= 2")
-    if ns.dry_run:
-        world = ns.gpus or 2
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device; use --dry-run for the CPU smoke test")
-        world = ns.gpus or torch.cuda.device_count()
-        if world < 2 or world > torch.cuda.device_count():
-            parser.error(f"--gpus must be in [2, {torch.cuda.device_count()}]")
+    world = choose_world(parser, ns.gpus, ns.dry_run)
     rows = run_ranks(bench_rank, world, args, backend=args["backend"], timeout=590)[0]
     # NCCL reads NCCL_MAX_CTAS when its communicators are created: a fresh spawn.
     os.environ["NCCL_MAX_CTAS"] = "8"

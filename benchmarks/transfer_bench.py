@@ -118,21 +118,24 @@ def check_markers(weights: list[list[torch.Tensor]], p2l: np.ndarray, rank: int,
 # -- timing ------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _slowest(seconds: float, device: torch.device) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def reduce_value(value: float, device: torch.device, op: Any = dist.ReduceOp.SUM) -> float:
+    """`value` all-reduced over every rank with `op` (SUM by default)."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
     return float(t.item())
 
 
+def _slowest(seconds: float, device: torch.device) -> float:
+    return reduce_value(seconds, device, dist.ReduceOp.MAX)
+
+
 def _mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return reduce_value(value, device) / dist.get_world_size()
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
@@ -140,7 +143,7 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
     times = []
     for i in range(warmup + repeats):
         dist.barrier()
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         fn()
         elapsed = _slowest(time.perf_counter() - start, device)
@@ -169,7 +172,7 @@ def bound_run(pair_bytes: np.ndarray, rank: int, buffers: dict[str, dict[int, to
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    _sync(device)
+    sync_device(device)
 
 
 def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -193,7 +196,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         pass
     dist.barrier()
     handle.commit()
-    _sync(device)
+    sync_device(device)
     check_markers(weights, new, rank, world)
     del weights, handle
     weights = make_weights(old, rank, world, shapes, device)
@@ -253,10 +256,10 @@ def _commit_time(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layer
         while not handle.ready():
             pass
         dist.barrier()
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         handle.commit()
-        _sync(device)
+        sync_device(device)
         elapsed = _slowest(time.perf_counter() - start, device)
         if i >= warmup:
             times.append(elapsed)
@@ -265,11 +268,23 @@ def _commit_time(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layer
             pass
         dist.barrier()
         back.commit()
-    _sync(device)
+    sync_device(device)
     return statistics.median(times)
 
 
 # -- report ------------------------------------------------------------------------------------
+
+
+def choose_world(parser: argparse.ArgumentParser, gpus: int | None, dry_run: bool) -> int:
+    """Ranks to spawn: `gpus`, else every visible GPU (2 for a CPU dry run)."""
+    if dry_run:
+        return gpus or 2
+    if not torch.cuda.is_available():
+        parser.error("no CUDA device; use --dry-run for the CPU smoke test")
+    world = gpus or torch.cuda.device_count()
+    if world < 2 or world > torch.cuda.device_count():
+        parser.error(f"--gpus must be in [2, {torch.cuda.device_count()}]")
+    return world
 
 
 def card_name(backend: str) -> str:
@@ -351,14 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
         return
 
-    if ns.dry_run:
-        world = ns.gpus or 2
-    else:
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device; use --dry-run for the CPU smoke test")
-        world = ns.gpus or torch.cuda.device_count()
-        if world < 2 or world > torch.cuda.device_count():
-            parser.error(f"--gpus must be in [2, {torch.cuda.device_count()}]")
+    world = choose_world(parser, ns.gpus, ns.dry_run)
     results = run_ranks(bench_rank, world, args, backend=args["backend"], timeout=590)
     print(table(results[0], args, world), flush=True)
 

@@ -164,6 +164,17 @@ def _swap() -> tuple[np.ndarray, np.ndarray]:
     return old, new
 
 
+def _swap_pulled(rank: int, world: int, device: torch.device,
+                 ) -> tuple[np.ndarray, np.ndarray, Weights, TransferEngine]:
+    """The `_swap` maps, this rank's shared-memory weights for the old one, and a
+    pull-only engine that has shared them (a collective: every rank calls it)."""
+    old, new = _swap()
+    weights = weights_for(old, rank, world, device)
+    engine = TransferEngine(path="pull")
+    engine.share_weights(weights)
+    return old, new, weights, engine
+
+
 def _not_shareable(rank: int, world: int, device: torch.device) -> None:
     """Plain (not shared-memory) weights: 'auto' falls back to gloo and still moves
     the right weights; 'pull' refuses on every rank, before anything moves."""
@@ -187,10 +198,7 @@ def _not_shareable(rank: int, world: int, device: torch.device) -> None:
 def _reallocation(rank: int, world: int, device: torch.device) -> None:
     """Rank 1 reallocates a tensor after sharing: its stage still launches (peers
     stay matched) but its ready() raises naming it; a re-share makes it work."""
-    old, new = _swap()
-    weights = weights_for(old, rank, world, device)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
+    old, new, weights, engine = _swap_pulled(rank, world, device)
     if rank == 1:
         fresh = shared_empty(tuple(weights[0][0].shape), weights[0][0].dtype)
         fresh.copy_(weights[0][0])
@@ -214,10 +222,7 @@ def _commit_ordering(rank: int, world: int, device: torch.device) -> None:
     """Rank 1 pulls late (it stages 0.3 s after rank 0). Rank 0's own transfer is
     ready at once, but it commits only after every rank agrees it is ready, so
     rank 1 still pulls rank 0's *old* slot 0 and both end correct."""
-    old, new = _swap()
-    weights = weights_for(old, rank, world, device)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
+    old, new, weights, engine = _swap_pulled(rank, world, device)
     if rank == 1:
         time.sleep(0.3)
     handle = engine.stage(old, new, [0], weights)
@@ -236,10 +241,7 @@ def _hazard_without_agreement(rank: int, world: int, device: torch.device) -> No
     before rank 1 pulls. Rank 1 then pulls rank 0's *new* slot 0 -- its own old
     expert -- and ends up with the wrong weights: the corruption the all-ready
     agreement prevents."""
-    old, new = _swap()
-    weights = weights_for(old, rank, world, device)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
+    old, new, weights, engine = _swap_pulled(rank, world, device)
     if rank == 0:
         handle = engine.stage(old, new, [0], weights)
         _poll(handle, "hazard")
@@ -260,10 +262,7 @@ def _hazard_without_agreement(rank: int, world: int, device: torch.device) -> No
 def _rearrange_waits_for_pullers(rank: int, world: int, device: torch.device) -> None:
     """Blocking `rearrange` with pulls: rank 1 joins 0.3 s late; rank 0 must not
     commit before rank 1's pulls are done (it waits on a barrier there)."""
-    old, new = _swap()
-    weights = weights_for(old, rank, world, device)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
+    old, new, weights, engine = _swap_pulled(rank, world, device)
     if rank == 1:
         time.sleep(0.3)
     engine.rearrange(old, new, weights)

@@ -498,7 +498,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4,
                         help="layers per transfer of the batched async run")
     parser.add_argument("--transfer-path", default="nccl",
-                        help="EplbConfig.transfer_path where this version has it (default "
+                        help="EplbConfig.transfer_path (default "
                              "nccl: the path the batch_isend_irecv bound applies to; pulls "
                              "are not timed here, their rows show nan)")
     args = parser.parse_args()
@@ -511,9 +511,8 @@ def main() -> None:
         ranks=args.gpus, steps=args.steps, layers=8, experts=64, redundant=16,
         tokens=args.tokens, hidden=args.hidden, intermediate=args.intermediate,
         step_interval=interval, window_size=window, shift_steps=(shift,), check_every=0,
-        backend=backend, device=device, exact=False, dtype="bfloat16")
-    if "transfer_path" in EplbConfig.field_names():
-        base = dataclasses.replace(base, extra={"transfer_path": args.transfer_path})
+        backend=backend, device=device, exact=False, dtype="bfloat16",
+        extra={"transfer_path": args.transfer_path})
     batched = f"async x{args.batch}"
     runs = {
         "off": dataclasses.replace(base, mode="off"),
@@ -534,7 +533,7 @@ def main() -> None:
           f"{nccl or '-'}; model: 8 layers x 64 experts + 16 redundant, hidden {args.hidden}, "
           f"intermediate {args.intermediate}, bf16 weights, top-2, {args.tokens} tokens/rank/"
           f"pass, {args.steps} passes, interval {interval}, window {window}, hot-set shift at "
-          f"{shift}; transfer_path {base.extra.get('transfer_path', '-')}; all runs in the "
+          f"{shift}; transfer_path {args.transfer_path}; all runs in the "
           "same processes; output invariance is checked by "
           "benchmarks/gpu_suite.sh's simulate run, not here (the dense oracle would hold "
           "every expert)")

@@ -118,12 +118,11 @@ def _serve(rank: int, world: int, backend: str, shared: bool) -> dict[str, Any]:
         dispatch_group = dist.new_group(backend="gloo")
 
     async def main() -> dict[str, Any]:
-        # The NCCL path on purpose (where this version can also pull within a
-        # node): the point is NCCL transfers next to NCCL forward collectives.
-        path = {"transfer_path": "nccl"} if "transfer_path" in EplbConfig.field_names() else {}
+        # The NCCL path on purpose (same-node ranks could also pull): the point
+        # is NCCL transfers next to NCCL forward collectives.
         cfg = EplbConfig(window_size=20, step_interval=INTERVAL, num_redundant_experts=world,
                          readiness_lag=2, peer_timeout_s=60.0, load_record_interval=1,
-                         **path)  # type: ignore[arg-type]
+                         transfer_path="nccl")
         rt = EplbRuntime(cfg, group=transfer_group, device=device)
         model = WideTaggedModel(rank, world, width, device)
         rt.add_model(model, "main")

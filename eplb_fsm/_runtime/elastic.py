@@ -42,7 +42,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -66,6 +66,10 @@ from .config import EplbConfig
 from .driver import ModelDriver
 from .job import RebalanceFailed
 from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
+
+if TYPE_CHECKING:
+    from .._adapters.collectives import TorchAllReduce
+    from .._adapters.transfer import TransferEngine
 
 __all__ = ["ExpertsLost", "Reconfiguration", "Reconfigured"]
 
@@ -114,8 +118,10 @@ class ExpertsLost(RebalanceFailed):
 
 
 def make_transports(group: Any, cpu_group: Any, device: torch.device, config: EplbConfig,
-                    path: str | None = None) -> tuple[AllReduce, WeightMover]:
-    """The runtime's transports over a pair of groups (as `EplbRuntime.__init__` builds them).
+                    path: str | None = None) -> tuple[TorchAllReduce, TransferEngine]:
+    """The runtime's transports over a pair of groups: readiness and load rounds on
+    `cpu_group`, weights over `group` (`EplbRuntime.__init__` and every
+    reconfiguration build them here).
 
     `path` overrides ``config.transfer_path``: the union's handoff uses send/recv
     ("nccl"), since no rank's weights were shared over the union group.

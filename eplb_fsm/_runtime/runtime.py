@@ -26,7 +26,7 @@ from .._core.placement import Placement
 from .._core.planning import available_policies, check_policy_options
 from .config import EplbConfig
 from .driver import ModelDriver
-from .elastic import ExpertsLost, Reconfiguration, Reconfigured
+from .elastic import ExpertsLost, Reconfiguration, Reconfigured, make_transports
 from .hooks import Hooks, LifecycleEvent
 from .job import RebalanceFailed
 from .rounds import deferred_cancellation
@@ -109,9 +109,6 @@ class EplbRuntime:
                  device: torch.device | str | None = None) -> None:
         import torch.distributed as dist
 
-        from .._adapters.collectives import TorchAllReduce
-        from .._adapters.transfer import TransferEngine
-
         if not isinstance(config, EplbConfig):
             raise ValueError(f"config must be an EplbConfig, got {type(config).__name__}")
         if not (dist.is_available() and dist.is_initialized()):
@@ -124,13 +121,12 @@ class EplbRuntime:
             on_gpu = dist.get_backend(group) == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu"
         device = torch.device(device)
-        mover = TransferEngine(group, device=device, node_size=config.ranks_per_node,
-                               path=config.transfer_path, cpu_group=cpu_group)
+        allreduce, mover = make_transports(group, cpu_group, device, config)
         if device.type == "cuda":
             # NCCL builds its P2P communicators on the first batched send/receive,
             # which takes tens of ms; pay it here, not inside a serving step.
             mover.warm_up(device)
-        self._setup(config, TorchAllReduce(cpu_group), mover, device, None, None)
+        self._setup(config, allreduce, mover, device, None, None)
         self._liveness = Heartbeat.for_default_group(dist.get_rank(group),
                                                      dist.get_world_size(group),
                                                      dist.get_process_group_ranks(group))

@@ -1,0 +1,208 @@
+"""Where the pull path's time goes on GPU (a diagnostic for issue 11, one table).
+
+pull_bench.py measures the pull path end to end against one large peer copy
+(the "pull bound"). This script takes the gap apart, on an idle GPU and next
+to a bf16 GEMM stream, for 1 and 4 DeepSeek-V3-like layers (as in
+transfer_bench.py). Per row, medians over repeats, the slowest rank:
+
+- ``engine``: `TransferEngine(path="pull")`: stage(), then poll ready();
+  split into the host time of stage() and the wall time until ready;
+- ``raw, 1 stream``: the same copies (one per tensor and slot, the engine's
+  layout) issued in a plain loop on one stream;
+- ``raw, stream per peer``: the same, one stream per source rank;
+- ``one copy per peer``: the same bytes per source as one copy each;
+- ``bound``: the mean bytes as one copy from the next rank.
+
+    python benchmarks/pull_profile.py            # every visible GPU
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transfer_bench as tb
+from pull_bench import GemmStream
+
+from eplb_fsm._adapters.pull import export, open_handle
+from eplb_fsm._adapters.staged import slot_nbytes, typed_view
+from eplb_fsm._core.transfer_schedule import aligned
+from eplb_fsm.testing import run_ranks
+from eplb_fsm.transfer import TransferEngine
+
+
+def _timed(fn: Callable[[], Callable[[], bool]], repeats: int,
+           device: torch.device) -> tuple[float, float]:
+    """(median host ms of fn(), median ms until its returned poll is true), slowest rank."""
+    times = []
+    for _ in range(repeats + 1):
+        dist.barrier()  # gloo-free: the default group is NCCL, but nothing is queued here
+        # Not torch.cuda.synchronize: that would also wait for the GEMM stream.
+        torch.cuda.current_stream(device).synchronize()
+        start = time.perf_counter()
+        poll = fn()
+        host = time.perf_counter() - start
+        while not poll():
+            pass
+        times.append((host, time.perf_counter() - start))
+    # Reduced after the loop: no NCCL kernel inside the measured window.
+    slowest = torch.tensor(times[1:], dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    hosts, walls = slowest.cpu().T.tolist()
+    return statistics.median(hosts) * 1e3, statistics.median(walls) * 1e3
+
+
+def _profile(count: int, rank: int, world: int, engine: TransferEngine,
+             weights: list[list[torch.Tensor]], old: np.ndarray, new: np.ndarray,
+             gemm: GemmStream, alone: float, big: torch.Tensor,
+             peer_big: dict[int, torch.Tensor], streams: dict[int, torch.cuda.Stream],
+             repeats: int) -> list[dict[str, Any]]:
+    device = big.device
+    record = engine._shared[0]  # a diagnostic may look inside
+    rows = []
+    layers = list(range(count))
+    prepared = engine.prepare(old, new, layers)
+    sched = prepared.schedule
+    nbytes = {layer: [slot_nbytes(w) for w in weights[layer]] for layer in layers}
+    strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+    layout = sched.layout(strides, 1, record.channels)
+    staging = torch.empty(max(layout.staging_bytes, 1), dtype=torch.uint8, device=device)
+    copies = []  # (src rank, dst view, src view)
+    for offset, src, layer, slot in layout.pulls:
+        at = offset
+        for weight, peer_w, n in zip(weights[layer], record.peers[src][layer],
+                                     nbytes[layer], strict=True):
+            copies.append((src, typed_view(staging, at, n, weight), peer_w[slot]))
+            at += aligned(n)
+    per_src: dict[int, int] = {}
+    for src, dst, _ in copies:
+        per_src[src] = per_src.get(src, 0) + dst.numel() * dst.element_size()
+    pulled = sum(per_src.values())
+    mean_pulled = int(tb.reduce_value(pulled, device, dist.ReduceOp.SUM) / world)
+
+    def engine_run() -> Callable[[], bool]:
+        handle = engine.stage(old, new, layers, weights, prepared)
+
+        def poll() -> bool:
+            if handle.ready():
+                handle.release()
+                return True
+            return False
+        return poll
+
+    def raw(per_peer: bool, whole: bool) -> Callable[[], bool]:
+        events = []
+        cur = torch.cuda.current_stream(device)
+        at = 0
+        for src in sorted(per_src):
+            stream = streams[src] if per_peer else streams[rank]
+            stream.wait_stream(cur)
+            with torch.cuda.stream(stream):
+                if whole:
+                    n = per_src[src]
+                    staging[at:at + n].copy_(peer_big[src][:n], non_blocking=True)
+                    at += n
+                else:
+                    for s, dst, source in copies:
+                        if s == src:
+                            dst.copy_(source, non_blocking=True)
+                if per_peer or src == max(per_src):
+                    event = torch.cuda.Event()
+                    event.record()
+                    events.append(event)
+        return lambda: all(e.query() for e in events)
+
+    def bound() -> Callable[[], bool]:
+        staging_all = big[:mean_pulled]
+        staging_all.copy_(peer_big[(rank + 1) % world][:mean_pulled], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return event.query
+
+    methods: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
+        ("engine", engine_run),
+        ("raw, 1 stream", lambda: raw(False, False)),
+        ("raw, stream per peer", lambda: raw(True, False)),
+        ("one copy per peer", lambda: raw(True, True)),
+        ("bound", bound),
+    ]
+    idle_wall: dict[str, float] = {}
+    for busy in (False, True):
+        for name, fn in methods:
+            if busy:
+                # Enough GEMMs to outlast every repeat even at half speed.
+                span = (repeats + 1) * (idle_wall[name] + 1.0) / 1e3
+                gemm.start(int(max(8, 2 * span / alone)))
+                lo = gemm.mark()
+            host, wall = _timed(fn, repeats, device)
+            if not busy:
+                idle_wall[name] = wall
+            slow = float("nan")
+            if busy:
+                inside = gemm.durations((lo, gemm.mark()))
+                slow = statistics.mean(inside) / alone if inside else float("nan")
+                slow = tb.reduce_value(slow, device, dist.ReduceOp.SUM) / world
+                torch.cuda.synchronize(device)  # the next method starts on an idle GPU
+            moved = mean_pulled
+            rows.append(dict(layers=count, busy=busy, method=name, host=host, wall=wall,
+                             gbps=moved / 1e9 / (wall / 1e3), copies=len(copies),
+                             mb=moved / 1e6, slow=slow))
+    return rows
+
+
+def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    rng = np.random.default_rng(0)
+    old = tb.random_p2l(rng, 4, world, 9)
+    new = tb.random_p2l(rng, 4, world, 9)
+    weights = tb.make_weights(old, rank, world, tb.DEEPSEEK_SHAPES, device)
+    engine = TransferEngine(path="pull")
+    engine.share_weights(weights)
+    gemm = GemmStream(device, 8192)
+    gemm.start(20)
+    alone = statistics.median(gemm.durations()[1:])
+    # A buffer every peer maps: the source of "one copy per peer" and "bound".
+    big = torch.empty(4 * 2**30, dtype=torch.uint8, device=device)
+    handles: list[Any] = [None] * world
+    dist.all_gather_object(handles, export(big)[0])
+    peer_big = {src: open_handle(handles[src], device) for src in range(world) if src != rank}
+    streams = {src: torch.cuda.Stream(device) for src in range(world)}
+    rows = []
+    for count in (1, 4):
+        rows += _profile(count, rank, world, engine, weights, old, new, gemm, alone, big,
+                         peer_big, streams, args["repeats"])
+    return {"rows": rows, "card": torch.cuda.get_device_name(device), "gemm_ms": alone * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=10)
+    ns = parser.parse_args()
+    world = ns.gpus or torch.cuda.device_count()
+    out = run_ranks(rank_fn, world, {"repeats": ns.repeats}, backend="nccl", timeout=400)[0]
+    print(f"pull_profile: {world} x {out['card']}, torch {torch.__version__}; medians of "
+          f"{ns.repeats}, slowest rank; GEMM {out['gemm_ms']:.2f} ms alone")
+    print(f"{'layers':>6} {'GEMMs':>5} {'method':<22} {'copies':>6} {'MB':>7} {'host ms':>8} "
+          f"{'wall ms':>8} {'GB/s':>7} {'GEMM slow':>9}")
+    for r in out["rows"]:
+        print(f"{r['layers']:>6} {('on' if r['busy'] else 'off'):>5} {r['method']:<22} "
+              f"{r['copies']:>6} {r['mb']:7.0f} {r['host']:8.3f} {r['wall']:8.3f} "
+              f"{r['gbps']:7.1f} {r['slow']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()

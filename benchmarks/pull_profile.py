@@ -64,7 +64,7 @@ def _timed(fn: Callable[[], Callable[[], bool]], repeats: int,
     return statistics.median(hosts) * 1e3, statistics.median(walls) * 1e3
 
 
-def _profile(count: int, rank: int, world: int, engine: TransferEngine,
+def _profile(count: int, rank: int, world: int, engine: TransferEngine, hi_engine: TransferEngine,
              weights: list[list[torch.Tensor]], old: np.ndarray, new: np.ndarray,
              gemm: GemmStream, alone: float, big: torch.Tensor,
              peer_big: dict[int, torch.Tensor], streams: dict[int, torch.cuda.Stream],
@@ -86,14 +86,22 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
                                      nbytes[layer], strict=True):
             copies.append((src, typed_view(staging, at, n, weight), peer_w[slot]))
             at += aligned(n)
+    local = []  # (dst view, src view): the engine's local copies into staging
+    for offset, layer, slot in layout.copies:
+        at = offset
+        for weight, n in zip(weights[layer], nbytes[layer], strict=True):
+            local.append((typed_view(staging, at, n, weight), weight[slot]))
+            at += aligned(n)
+    hi = torch.cuda.Stream(device, priority=-1)
     per_src: dict[int, int] = {}
     for src, dst, _ in copies:
         per_src[src] = per_src.get(src, 0) + dst.numel() * dst.element_size()
     pulled = sum(per_src.values())
     mean_pulled = int(tb.reduce_value(pulled, device, dist.ReduceOp.SUM) / world)
 
-    def engine_run() -> Callable[[], bool]:
-        handle = engine.stage(old, new, layers, weights, prepared)
+    def engine_run(which: TransferEngine = engine) -> Callable[[], bool]:
+        handle = which.stage(old, new, layers, weights, which.prepare(old, new, layers)
+                             if which is not engine else prepared)
 
         def poll() -> bool:
             if handle.ready():
@@ -124,6 +132,17 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
                     events.append(event)
         return lambda: all(e.query() for e in events)
 
+    def with_local(stream: torch.cuda.Stream) -> Callable[[], bool]:
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _, dst, source in copies:
+                dst.copy_(source, non_blocking=True)
+            for dst, source in local:
+                dst.copy_(source, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        return event.query
+
     def bound() -> Callable[[], bool]:
         staging_all = big[:mean_pulled]
         staging_all.copy_(peer_big[(rank + 1) % world][:mean_pulled], non_blocking=True)
@@ -136,6 +155,9 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
         ("raw, 1 stream", lambda: raw(False, False)),
         ("raw, stream per peer", lambda: raw(True, False)),
         ("one copy per peer", lambda: raw(True, True)),
+        (f"raw + {len(local)} local", lambda: with_local(streams[rank])),
+        (f"raw + {len(local)} local, hi-prio", lambda: with_local(hi)),
+        ("engine, hi-prio stream", lambda: engine_run(hi_engine)),
         ("bound", bound),
     ]
     idle_wall: dict[str, float] = {}
@@ -159,6 +181,31 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
             rows.append(dict(layers=count, busy=busy, method=name, host=host, wall=wall,
                              gbps=moved / 1e9 / (wall / 1e3), copies=len(copies),
                              mb=moved / 1e6, slow=slow))
+    if rank == 0 and count == 1:  # which device work the engine's stage runs, under GEMMs
+        from torch.profiler import ProfilerActivity, profile
+        gemm.start(12)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            poll = engine_run()
+            while not poll():
+                pass
+            torch.cuda.synchronize(device)
+        rows.append(dict(trace=prof.key_averages().table(sort_by="self_cuda_time_total",
+                                                         row_limit=14)))
+        gemm.durations()
+    if rank == 0 and count == 4:  # where stage()'s host time goes
+        import cProfile
+        import io
+        import pstats
+        cprof = cProfile.Profile()
+        for _ in range(5):
+            cprof.enable()
+            handle = engine.stage(old, new, layers, weights, prepared)
+            cprof.disable()
+            handle.wait_blocking()
+            handle.release()
+        text = io.StringIO()
+        pstats.Stats(cprof, stream=text).sort_stats("tottime").print_stats(18)
+        rows.append(dict(trace=text.getvalue()))
     return rows
 
 
@@ -171,6 +218,9 @@ def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     weights = tb.make_weights(old, rank, world, tb.DEEPSEEK_SHAPES, device)
     engine = TransferEngine(path="pull")
     engine.share_weights(weights)
+    hi_engine = TransferEngine(path="pull")
+    hi_engine.share_weights(weights)
+    hi_engine._streams[device] = torch.cuda.Stream(device, priority=-1)
     gemm = GemmStream(device, 8192)
     gemm.start(20)
     alone = statistics.median(gemm.durations()[1:])
@@ -182,7 +232,7 @@ def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     streams = {src: torch.cuda.Stream(device) for src in range(world)}
     rows = []
     for count in (1, 4):
-        rows += _profile(count, rank, world, engine, weights, old, new, gemm, alone, big,
+        rows += _profile(count, rank, world, engine, hi_engine, weights, old, new, gemm, alone, big,
                          peer_big, streams, args["repeats"])
     return {"rows": rows, "card": torch.cuda.get_device_name(device), "gemm_ms": alone * 1e3}
 
@@ -198,10 +248,15 @@ def main() -> None:
           f"{ns.repeats}, slowest rank; GEMM {out['gemm_ms']:.2f} ms alone")
     print(f"{'layers':>6} {'GEMMs':>5} {'method':<22} {'copies':>6} {'MB':>7} {'host ms':>8} "
           f"{'wall ms':>8} {'GB/s':>7} {'GEMM slow':>9}")
+    traces = [r["trace"] for r in out["rows"] if "trace" in r]
     for r in out["rows"]:
+        if "trace" in r:
+            continue
         print(f"{r['layers']:>6} {('on' if r['busy'] else 'off'):>5} {r['method']:<22} "
               f"{r['copies']:>6} {r['mb']:7.0f} {r['host']:8.3f} {r['wall']:8.3f} "
               f"{r['gbps']:7.1f} {r['slow']:9.3f}")
+    for trace in traces:
+        print(trace)
 
 
 if __name__ == "__main__":

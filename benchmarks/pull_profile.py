@@ -10,8 +10,15 @@ transfer_bench.py). Per row, medians over repeats, the slowest rank:
 - ``raw, 1 stream``: the same copies (one per tensor and slot, the engine's
   layout) issued in a plain loop on one stream;
 - ``raw, stream per peer``: the same, one stream per source rank;
+- ``raw + N local copies``: the raw copies plus what the engine staged
+  before local moves went to commit (same-device copies on the side stream:
+  under GEMMs they wait for SMs);
 - ``one copy per peer``: the same bytes per source as one copy each;
-- ``bound``: the mean bytes as one copy from the next rank.
+- ``bound``: the mean bytes as one copy from the next rank, on the current
+  stream; ``side stream`` and ``into staging`` vary one thing each.
+
+Also printed: rank 0's profiler table of one engine stage under GEMMs, and a
+cProfile of stage() for 4 layers.
 
     python benchmarks/pull_profile.py            # every visible GPU
 """
@@ -25,6 +32,7 @@ os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -64,7 +72,7 @@ def _timed(fn: Callable[[], Callable[[], bool]], repeats: int,
     return statistics.median(hosts) * 1e3, statistics.median(walls) * 1e3
 
 
-def _profile(count: int, rank: int, world: int, engine: TransferEngine, hi_engine: TransferEngine,
+def _profile(count: int, rank: int, world: int, engine: TransferEngine,
              weights: list[list[torch.Tensor]], old: np.ndarray, new: np.ndarray,
              gemm: GemmStream, alone: float, big: torch.Tensor,
              peer_big: dict[int, torch.Tensor], streams: dict[int, torch.cuda.Stream],
@@ -86,22 +94,26 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine, hi_engin
                                      nbytes[layer], strict=True):
             copies.append((src, typed_view(staging, at, n, weight), peer_w[slot]))
             at += aligned(n)
-    local = []  # (dst view, src view): the engine's local copies into staging
-    for offset, layer, slot in layout.copies:
-        at = offset
+    # What the engine staged before local moves went to commit: one same-device
+    # copy per local move and tensor, into a row after the pulled ones.
+    moves = [(layer, step.src) for layer in layers for step in sched.steps_of(layer)
+             if step.kind == "move"]
+    move_rows = torch.empty(max(sum(strides[layer] for layer, _ in moves), 1),
+                            dtype=torch.uint8, device=device)
+    local = []  # (dst view, src view)
+    at = 0
+    for layer, slot in moves:
         for weight, n in zip(weights[layer], nbytes[layer], strict=True):
-            local.append((typed_view(staging, at, n, weight), weight[slot]))
+            local.append((typed_view(move_rows, at, n, weight), weight[slot]))
             at += aligned(n)
-    hi = torch.cuda.Stream(device, priority=-1)
     per_src: dict[int, int] = {}
     for src, dst, _ in copies:
         per_src[src] = per_src.get(src, 0) + dst.numel() * dst.element_size()
     pulled = sum(per_src.values())
     mean_pulled = int(tb.reduce_value(pulled, device, dist.ReduceOp.SUM) / world)
 
-    def engine_run(which: TransferEngine = engine) -> Callable[[], bool]:
-        handle = which.stage(old, new, layers, weights, which.prepare(old, new, layers)
-                             if which is not engine else prepared)
+    def engine_run() -> Callable[[], bool]:
+        handle = engine.stage(old, new, layers, weights, prepared)
 
         def poll() -> bool:
             if handle.ready():
@@ -143,22 +155,25 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine, hi_engin
             event.record()
         return event.query
 
-    def bound() -> Callable[[], bool]:
-        staging_all = big[:mean_pulled]
-        staging_all.copy_(peer_big[(rank + 1) % world][:mean_pulled], non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+    def bound(stream: torch.cuda.Stream | None, dst: torch.Tensor) -> Callable[[], bool]:
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            dst[:mean_pulled].copy_(peer_big[(rank + 1) % world][:mean_pulled],
+                                    non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
         return event.query
 
     methods: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
         ("engine", engine_run),
         ("raw, 1 stream", lambda: raw(False, False)),
         ("raw, stream per peer", lambda: raw(True, False)),
+        (f"raw + {len(local)} local copies", lambda: with_local(streams[rank])),
         ("one copy per peer", lambda: raw(True, True)),
-        (f"raw + {len(local)} local", lambda: with_local(streams[rank])),
-        (f"raw + {len(local)} local, hi-prio", lambda: with_local(hi)),
-        ("engine, hi-prio stream", lambda: engine_run(hi_engine)),
-        ("bound", bound),
+        ("bound, side stream", lambda: bound(streams[rank], big)),
+        ("bound, into staging", lambda: bound(None, staging)),
+        ("bound", lambda: bound(None, big)),
     ]
     idle_wall: dict[str, float] = {}
     for busy in (False, True):
@@ -218,9 +233,6 @@ def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     weights = tb.make_weights(old, rank, world, tb.DEEPSEEK_SHAPES, device)
     engine = TransferEngine(path="pull")
     engine.share_weights(weights)
-    hi_engine = TransferEngine(path="pull")
-    hi_engine.share_weights(weights)
-    hi_engine._streams[device] = torch.cuda.Stream(device, priority=-1)
     gemm = GemmStream(device, 8192)
     gemm.start(20)
     alone = statistics.median(gemm.durations()[1:])
@@ -232,7 +244,7 @@ def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
     streams = {src: torch.cuda.Stream(device) for src in range(world)}
     rows = []
     for count in (1, 4):
-        rows += _profile(count, rank, world, engine, hi_engine, weights, old, new, gemm, alone, big,
+        rows += _profile(count, rank, world, engine, weights, old, new, gemm, alone, big,
                          peer_big, streams, args["repeats"])
     return {"rows": rows, "card": torch.cuda.get_device_name(device), "gemm_ms": alone * 1e3}
 

@@ -81,7 +81,7 @@ class StagedTransfer(Protocol):
         ...
 
     def ready(self) -> bool:
-        """True once every send, receive and local copy of this rank is complete.
+        """True once every send, receive and pull of this rank is complete.
 
         Sends count too: a peer may commit (overwrite its live weights) as soon
         as every rank reports ready, so a slot still being sent must hold this

@@ -126,7 +126,7 @@ class StagedLayers:
 
     def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
                  inflight: InFlight, staging: torch.Tensor, offsets: dict[tuple[int, int], int],
-                 bytes_received: int, keep_until_done: Callable[[InFlight], None],
+                 temp: int, bytes_received: int, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
                  note_commit: Callable[[torch.cuda.Event], None] | None = None) -> None:
         self._sched = sched
@@ -135,6 +135,7 @@ class StagedLayers:
         self._inflight: InFlight | None = inflight
         self._staging: torch.Tensor | None = staging
         self._offsets = offsets  # (layer, expert) -> byte offset of its staged row
+        self._temp = temp  # byte offset of the row commit saves a cycle's slot in, or -1
         self._bytes_received = bytes_received
         self._keep_until_done = keep_until_done
         self._pulls = pulls
@@ -155,7 +156,7 @@ class StagedLayers:
         return self._bytes_received
 
     def ready(self) -> bool:
-        """True once this rank's receives, sends and local copies are complete.
+        """True once this rank's receives, sends and pulls are complete.
 
         Never blocks: on GPU it polls ``Work.is_completed()`` and ``Event.query()``;
         on CPU it reads the flag of the thread waiting on gloo. Raises if the
@@ -273,12 +274,22 @@ class StagedLayers:
         return tuple(layer for layer in self.layers if layer not in self._committed)
 
     def _commit_layer(self, layer: int, staging: torch.Tensor) -> None:
+        """Run `layer`'s commit steps in order (`_core.commit_order`): moves between
+        live slots, the temp row for cycles, fills from staged rows."""
         weights = self._weights[layer]
         sizes = [slot_nbytes(w) for w in weights]
-        for slot, expert in self._sched.fills_of(layer):
-            at = self._offsets[(layer, expert)]
+        for step in self._sched.steps_of(layer):
+            at = self._temp if step.kind in ("save", "restore") else \
+                self._offsets.get((layer, step.expert), -1)
             for weight, n in zip(weights, sizes, strict=True):
-                weight[slot].copy_(typed_view(staging, at, n, weight), non_blocking=True)
+                if step.kind == "move":
+                    weight[step.slot].copy_(weight[step.src], non_blocking=True)
+                    continue
+                row = typed_view(staging, at, n, weight)
+                if step.kind == "save":
+                    row.copy_(weight[step.slot], non_blocking=True)
+                else:  # "restore" or "fill"
+                    weight[step.slot].copy_(row, non_blocking=True)
                 at += aligned(n)
 
     def _drop(self) -> None:

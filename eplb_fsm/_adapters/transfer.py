@@ -5,10 +5,10 @@ Why it is shaped this way:
 - **Stage, then commit.** Live weights serve traffic until every rank has the
   new ones, so `stage()` writes only into a side *staging* buffer; `commit()`
   copies from it into the live slots at the step the runtime agreed on, and
-  `release()` drops it on abort, leaving the live weights as they were. Local
-  copies go through the staging buffer too: a slot may be overwritten by the
-  same commit that reads it (two slots trading experts), so every source is
-  read before anything is written.
+  `release()` drops it on abort, leaving the live weights as they were. A
+  rank's local moves (an expert it already holds, into another slot) are not
+  staged: the commit copies them slot to slot, ordered so that no slot is
+  read after it was overwritten (`_core.commit_order`).
 - **One message per peer, packed.** Everything a rank sends to one peer is
   packed into one send buffer and goes as one message, received straight
   into the peer's staging buffer (layout: `_core.transfer_schedule`). NCCL
@@ -18,7 +18,7 @@ Why it is shaped this way:
   pack is a device copy at HBM speed, about a tenth of the NVLink time.
 - **The agreed step only launches.** The schedule (who sends what, in which
   order, at which offset) is computed by `prepare()` in the runtime's planning
-  thread. `stage()` allocates, packs, launches, then queues the local copies
+  thread. `stage()` allocates, packs, launches, then queues the pulls
   *behind* the launch so they overlap the network, not delay it. With
   ``pieces > 1`` packing piece k+1 also overlaps sending piece k.
 - **Never block the serving loop.** On GPU the copies and the launch run on a
@@ -452,14 +452,12 @@ class TransferEngine:
                 # torch rejects an empty list; an idle rank simply has nothing to wait for.
                 if ops:
                     works.extend(dist.batch_isend_irecv(ops))
-            # Behind the launch, so these device copies overlap the network. Pulls
-            # first: they are the long ones (a peer's memory over NVLink).
+            # Behind the launch, so the copy engines' reads of peers' memory
+            # overlap the network.
             for offset, src, layer, src_slot in layout.pulls:
                 assert shared is not None
                 self._copy_slot(staging, offset, shared.peers[src][layer], src_slot,
                                 nbytes[layer])
-            for offset, layer, src_slot in layout.copies:
-                self._copy_slot(staging, offset, expert_weights[layer], src_slot, nbytes[layer])
             event = None
             if device.type == "cuda":
                 for work in works:
@@ -474,7 +472,7 @@ class TransferEngine:
                 "call share_weights() on every rank again")
         inflight = InFlight(works, event, [packed], self._waiter, error)
         return StagedLayers(sched, expert_weights, device, inflight, staging,
-                            dict(layout.staging), received, self._keep_until_done,
+                            dict(layout.staging), layout.temp, received, self._keep_until_done,
                             pulls=bool(channels is not None and channels.pulls),
                             note_commit=self._commits.append)
 

@@ -24,9 +24,11 @@ part both ends of every message must agree on byte for byte. Rules:
    figure every rank computes alike from the global plan. Measured on 2 and 4
    H200s (docs/benchmarks.md): 2 pieces lost 8 points of bandwidth at 308 MB
    per rank and gained 2-7 points from 660 MB up.
-4. **Local copies are scheduled after the launch.** A rank's own moves
-   (expert already held, new slot) need no network; they go to the staging
-   buffer after the messages are launched, overlapping them.
+4. **Local moves are not staged.** A rank's own moves (an expert it
+   already holds, into another slot) need no network and no staging row:
+   the commit copies them slot to slot, in the order `_core.commit_order`
+   gives, which reserves one *temp* row in the staging buffer for layers
+   whose moves form a cycle.
 5. **Pulled pairs leave the messages.** For a pair the `ChannelMap` routes
    to a pull (`_core.transfer_channels`), the sender packs and sends nothing
    and the receiver posts no receive; instead its layout lists, per item, the
@@ -43,6 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .commit_order import CommitStep, commit_steps, needs_temp
 from .transfer_channels import ChannelMap
 from .transfer_plan import Transfer, TransferPlan
 
@@ -62,8 +65,10 @@ class Layout:
     """Byte offsets of one rank's buffers, for given per-layer strides.
 
     - ``staging``: (layer, expert) -> offset of that expert's row in the
-      staging buffer; received items first (grouped by source rank, ascending),
-      then local copies.
+      staging buffer, for every item received or pulled (grouped by source
+      rank, ascending).
+    - ``temp``: offset of the row a commit saves one slot of a cycle of local
+      moves in (after the received rows), or -1 when no layer needs it.
     - ``packed``: one (offset, layer, src_slot) per packed item, in the order
       of the send buffer (grouped by destination rank, ascending).
     - ``recv_spans`` / ``send_spans``: per piece, (peer, begin, end) byte spans
@@ -76,11 +81,11 @@ class Layout:
     send_bytes: int
     staging: Mapping[tuple[int, int], int]
     packed: tuple[tuple[int, int, int], ...]
-    copies: tuple[tuple[int, int, int], ...]  # (offset, layer, src_slot)
     recv_spans: tuple[tuple[tuple[int, int, int], ...], ...]
     send_spans: tuple[tuple[tuple[int, int, int], ...], ...]
     packed_per_piece: tuple[int, ...]  # items of `packed` packed before piece k's launch
     pulls: tuple[tuple[int, int, int, int], ...] = ()  # (offset, src rank, layer, src_slot)
+    temp: int = -1
 
     @property
     def pieces(self) -> int:
@@ -89,14 +94,14 @@ class Layout:
 
 @dataclass(frozen=True, eq=False)
 class RankSchedule:
-    """What `rank` receives, sends and copies for the plan, in message order."""
+    """What `rank` receives and sends for the plan, in message order, and the
+    steps of each layer's commit."""
 
     plan: TransferPlan
     rank: int
     receives: Mapping[int, tuple[Transfer, ...]]  # by source rank, ascending
     sends: Mapping[int, tuple[Transfer, ...]]  # by destination rank, ascending
-    copies: tuple[tuple[int, int, int], ...]  # (layer, expert, src slot), once per expert
-    fills: tuple[tuple[int, int, int], ...] = field(repr=False)  # (layer, dst slot, expert)
+    commits: Mapping[int, tuple[CommitStep, ...]] = field(repr=False)  # by layer
     _layouts: dict[tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...]], Layout] = \
         field(default_factory=dict, repr=False)
 
@@ -121,9 +126,9 @@ class RankSchedule:
             self._layouts[key] = _layout(self, key[0], pieces, pulled_from, pulled_by)
         return self._layouts[key]
 
-    def fills_of(self, layer: int) -> tuple[tuple[int, int], ...]:
-        """(dst slot, expert) pairs commit writes for `layer`."""
-        return tuple((slot, expert) for lay, slot, expert in self.fills if lay == layer)
+    def steps_of(self, layer: int) -> tuple[CommitStep, ...]:
+        """The writes of `layer`'s commit, in order (`_core.commit_order`)."""
+        return self.commits[layer]
 
 
 def _split(count: int, pieces: int) -> list[tuple[int, int]]:
@@ -170,12 +175,9 @@ def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int,
                 cursor += stride[t.layer]
             if cursor > start:
                 recv_spans[k].append((src, start, cursor))
-    copies = []
-    for layer, expert, src_slot in sched.copies:
-        staging[(layer, expert)] = cursor
-        copies.append((cursor, layer, src_slot))
-        cursor += stride[layer]
-    staging_bytes = cursor
+    cyclic = [stride[layer] for layer in sched.layers if needs_temp(sched.commits[layer])]
+    temp = cursor if cyclic else -1
+    staging_bytes = cursor + max(cyclic, default=0)
 
     # The send buffer, piece-major so that each piece's packing is one run.
     send_spans: list[list[tuple[int, int, int]]] = [[] for _ in range(pieces)]
@@ -194,9 +196,9 @@ def _layout(sched: RankSchedule, key: tuple[int, ...], pieces: int,
             if cursor > start:
                 send_spans[k].append((dst, start, cursor))
         per_piece.append(len(packed))
-    return Layout(staging_bytes, cursor, staging, tuple(packed), tuple(copies),
+    return Layout(staging_bytes, cursor, staging, tuple(packed),
                   tuple(map(tuple, recv_spans)), tuple(map(tuple, send_spans)),
-                  tuple(per_piece), tuple(pulls))
+                  tuple(per_piece), tuple(pulls), temp)
 
 
 def schedule(plan: TransferPlan, rank: int) -> RankSchedule:
@@ -210,20 +212,8 @@ def schedule(plan: TransferPlan, rank: int) -> RankSchedule:
             receives.setdefault(t.src_rank, []).append(t)
         elif t.src_rank == rank:
             sends.setdefault(t.dst_rank, []).append(t)
-    copies: list[tuple[int, int, int]] = []
-    fills: list[tuple[int, int, int]] = []
-    for rank_plan in plan.rank_plans(rank):
-        layer = rank_plan.layer
-        seen: set[int] = set()
-        for c in rank_plan.local_copies:
-            if c.expert not in seen:  # two slots wanting one held expert: one copy
-                seen.add(c.expert)
-                copies.append((layer, c.expert, c.src_slot))
-        fills += [(layer, c.dst_slot, c.expert) for c in rank_plan.local_copies]
-        fills += [(layer, t.dst_slot, t.expert) for t in rank_plan.receives]
-        fills += [(layer, d.dst_slot, d.expert) for d in rank_plan.duplicates]
     return RankSchedule(
         plan, rank,
         {src: tuple(items) for src, items in sorted(receives.items())},
         {dst: tuple(items) for dst, items in sorted(sends.items())},
-        tuple(copies), tuple(fills))
+        {rp.layer: commit_steps(rp) for rp in plan.rank_plans(rank)})

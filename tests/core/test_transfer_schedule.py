@@ -3,9 +3,9 @@
 Every rank packs its send buffer from its 'weights' (each expert's bytes carry
 its (layer, expert) code), every message is copied span by span from the
 sender's buffer into the receiver's staging buffer, piece by piece; local
-copies fill the rest. The receiver must then find each staged expert at the
-offset its own layout names, with sender and receiver spans of equal length,
-and committing the fills must yield the new placement."""
+moves happen at commit. The receiver must then find each staged expert at
+the offset its own layout names, with sender and receiver spans of equal
+length, and running the commit steps must yield the new placement."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_commit_order import run_steps
 from test_transfer_plan import placement_pairs
 
+from eplb_fsm._core.commit_order import needs_temp
 from eplb_fsm._core.transfer_plan import plan_layers
 from eplb_fsm._core.transfer_schedule import ALIGN, aligned, auto_pieces, schedule
 
@@ -63,10 +65,6 @@ def test_messages_match_and_commit_yields_new_placement(
         for dst, layout in enumerate(layouts):
             for src, _, _ in layout.recv_spans[piece]:
                 assert any(d == dst for d, _, _ in layouts[src].send_spans[piece])
-    for rank, layout in enumerate(layouts):
-        for offset, layer, slot in layout.copies:
-            stagings[rank][offset // UNIT:(offset + strides[layer]) // UNIT] = \
-                weights(rank, layer, slot)
 
     for rank, (sched, layout) in enumerate(zip(scheds, layouts, strict=True)):
         rows = sorted((off, off + strides[layer]) for (layer, _), off in layout.staging.items())
@@ -75,16 +73,21 @@ def test_messages_match_and_commit_yields_new_placement(
         for (layer, expert), off in layout.staging.items():
             row = stagings[rank][off // UNIT:(off + strides[layer]) // UNIT]
             assert (row == _code(layer, expert)).all()
-        live = np.array([[weights(rank, layer, slot) for slot in range(num_local)]
-                         for layer in layers])
-        for layer in layers:
-            for slot, expert in sched.fills_of(layer):
-                live[layer, slot] = stagings[rank][layout.staging[(layer, expert)] // UNIT]
         want = new[:, rank * num_local:(rank + 1) * num_local]
         for layer in layers:
+            live = [weights(rank, layer, slot) for slot in range(num_local)]
+            staged = {expert: int(stagings[rank][off // UNIT])
+                      for (lay, expert), off in layout.staging.items() if lay == layer}
+            live = run_steps(live, sched.steps_of(layer), staged)
             for slot in range(num_local):
                 if want[layer, slot] >= 0:  # vacated slots keep whatever they held
-                    assert live[layer, slot] == _code(layer, int(want[layer, slot]))
+                    assert live[slot] == _code(layer, int(want[layer, slot]))
+        # The temp row follows the staged rows, as wide as the widest layer using it.
+        rows_end = max((off + strides[lay] for (lay, _), off in layout.staging.items()),
+                       default=0)
+        cyclic = [strides[layer] for layer in layers if needs_temp(sched.steps_of(layer))]
+        assert layout.temp == (rows_end if cyclic else -1)
+        assert layout.staging_bytes == rows_end + max(cyclic, default=0)
 
 
 def test_pieces_split_every_message_into_ordered_runs() -> None:

@@ -15,7 +15,8 @@ transfer_bench.py). Per row, medians over repeats, the slowest rank:
   under GEMMs they wait for SMs);
 - ``one copy per peer``: the same bytes per source as one copy each;
 - ``bound``: the mean bytes as one copy from the next rank, on the current
-  stream; ``side stream`` and ``into staging`` vary one thing each.
+  stream; ``side stream`` and ``fresh buffer`` (another destination) vary
+  one thing each.
 
 Also printed: rank 0's profiler table of one engine stage under GEMMs, and a
 cProfile of stage() for 4 layers.
@@ -165,6 +166,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
             event.record()
         return event.query
 
+    fresh = torch.empty(mean_pulled, dtype=torch.uint8, device=device)
     methods: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
         ("engine", engine_run),
         ("raw, 1 stream", lambda: raw(False, False)),
@@ -172,7 +174,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
         (f"raw + {len(local)} local copies", lambda: with_local(streams[rank])),
         ("one copy per peer", lambda: raw(True, True)),
         ("bound, side stream", lambda: bound(streams[rank], big)),
-        ("bound, into staging", lambda: bound(None, staging)),
+        ("bound, fresh buffer", lambda: bound(None, fresh)),
         ("bound", lambda: bound(None, big)),
     ]
     idle_wall: dict[str, float] = {}

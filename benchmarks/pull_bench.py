@@ -13,8 +13,13 @@ nothing is committed, so every repeat moves the same bytes). Methods:
   environment sets it before NCCL initialises (fewer SMs, less bandwidth);
 - ``pull``: ``TransferEngine(path="pull")`` after ``share_weights`` (CUDA IPC,
   copy engines);
-- ``pull bound``: one large copy from a peer's mapped buffer (the mean bytes a
-  rank receives), nothing else running.
+- ``pull bound``: every rank copies the bytes it receives in the plan as one
+  large copy from a peer's mapped buffer, nothing else running. Per-rank
+  bytes, not their mean: the plan may give one rank more to receive than
+  another (up to 1.14x the mean here), and the slowest rank's time sets
+  both the path's figure and the bound's, so the ratio compares the
+  channel, not the plan's balance. (Before 2026-11-26 the bound copied the
+  mean bytes on every rank.)
 
 GB/s per rank = mean bytes received per rank x repeats / the slowest rank's
 time. GEMM slowdown = the mean GPU time of the GEMMs that ran entirely
@@ -165,7 +170,7 @@ def _measure(engine: TransferEngine, gemm: GemmStream, alone: float, old: np.nda
 
 def _pull_bound(nbytes: int, device: torch.device, repeats: int,
                 gemm: GemmStream | None = None, alone: float = 0.0) -> tuple[float, float]:
-    """Slowest rank's seconds for one copy of `nbytes` from the next rank's memory,
+    """Slowest rank's seconds for one copy of its `nbytes` from the next rank's memory,
     and the mean GEMM slowdown when `gemm` runs meanwhile (NaN without).
 
     Overlapped, it tells the copy mechanism's own sensitivity to a busy GPU
@@ -231,7 +236,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
             label = method + (", NCCL_MAX_CTAS=8" if args["only_nccl"] else "")
             if method.startswith("pull bound"):
                 overlapped = method.endswith("overlapped")
-                took, slow = _pull_bound(int(mean_bytes), device, args["repeats"],
+                took, slow = _pull_bound(max(received, 1), device, args["repeats"],
                                          gemm if overlapped else None, alone)
                 rows.append(dict(layers=count, method=label, mb=mean_bytes / 1e6,
                                  gbps=mean_bytes / 1e9 / took,

@@ -14,7 +14,7 @@ transfer_bench.py). Per row, medians over repeats, the slowest rank:
   before local moves went to commit (same-device copies on the side stream:
   under GEMMs they wait for SMs);
 - ``one copy per peer``: the same bytes per source as one copy each;
-- ``bound``: the mean bytes as one copy from the next rank, on the current
+- ``bound``: the rank's bytes as one copy from the next rank, on the current
   stream; ``side stream`` and ``fresh buffer`` (another destination) vary
   one thing each.
 
@@ -53,13 +53,17 @@ from eplb_fsm.transfer import TransferEngine
 
 
 def _timed(fn: Callable[[], Callable[[], bool]], repeats: int,
-           device: torch.device) -> tuple[float, float]:
-    """(median host ms of fn(), median ms until its returned poll is true), slowest rank."""
+           device: torch.device, busy: bool) -> tuple[float, float]:
+    """(median host ms of fn(), median ms until its returned poll is true), slowest rank.
+
+    Idle, every repeat starts at a barrier. Busy, the repeats run back to back:
+    an NCCL barrier is a kernel, and under a GEMM stream it would wait for SMs."""
     times = []
+    dist.barrier()
     for _ in range(repeats + 1):
-        dist.barrier()  # gloo-free: the default group is NCCL, but nothing is queued here
-        # Not torch.cuda.synchronize: that would also wait for the GEMM stream.
-        torch.cuda.current_stream(device).synchronize()
+        if not busy:
+            dist.barrier()
+            torch.cuda.current_stream(device).synchronize()
         start = time.perf_counter()
         poll = fn()
         host = time.perf_counter() - start
@@ -160,13 +164,12 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            dst[:mean_pulled].copy_(peer_big[(rank + 1) % world][:mean_pulled],
-                                    non_blocking=True)
+            dst[:pulled].copy_(peer_big[(rank + 1) % world][:pulled], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         return event.query
 
-    fresh = torch.empty(mean_pulled, dtype=torch.uint8, device=device)
+    fresh = torch.empty(max(pulled, 1), dtype=torch.uint8, device=device)
     methods: list[tuple[str, Callable[[], Callable[[], bool]]]] = [
         ("engine", engine_run),
         ("raw, 1 stream", lambda: raw(False, False)),
@@ -185,7 +188,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
                 span = (repeats + 1) * (idle_wall[name] + 1.0) / 1e3
                 gemm.start(int(max(8, 2 * span / alone)))
                 lo = gemm.mark()
-            host, wall = _timed(fn, repeats, device)
+            host, wall = _timed(fn, repeats, device, busy)
             if not busy:
                 idle_wall[name] = wall
             slow = float("nan")

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, decide_channels
+from .staged import SlotBytes
 
 __all__ = ["SharedWeights", "TensorHandle", "export", "open_handle", "owned_segments",
            "share_weights", "shared_empty", "unlink_shared"]
@@ -252,6 +253,12 @@ class SharedWeights:
     channels: ChannelMap
     peers: dict[int, list[list[torch.Tensor]]] = field(repr=False)  # src -> [layer][tensor]
     fingerprints: list[list[tuple[Any, ...]]] = field(repr=False)
+    # The mapped peers' tensors as byte rows, made once here, not per stage.
+    peer_slots: dict[int, list[list[SlotBytes]]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.peer_slots = {src: [[SlotBytes(w) for w in layer] for layer in layers]
+                           for src, layers in self.peers.items()}
 
     def matches(self, weights: Sequence[Sequence[torch.Tensor]]) -> bool:
         """Whether `weights` are the tensors shared (same objects or same memory)."""

@@ -71,7 +71,7 @@ from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
 from .._core.transfer_schedule import RankSchedule, aligned, auto_pieces, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
-from .staged import InFlight, StagedLayers, Waiter, Weights, slot_nbytes, typed_view
+from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
@@ -418,9 +418,9 @@ class TransferEngine:
 
     def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
                 shared: SharedWeights | None, problem: str) -> StagedLayers:
-        nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
-                  for layer in sched.layers}
-        strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]] for layer in sched.layers}
+        strides = {layer: sum(aligned(t.nbytes) for t in tensors)
+                   for layer, tensors in mine.items()}
         channels = shared.channels if shared is not None else None
         pieces = (auto_pieces(sched.plan, strides, channels=channels)
                   if self._pieces == "auto" else self._pieces)
@@ -431,7 +431,7 @@ class TransferEngine:
                       "pulls' side stream serializes with it, so compute on that stream "
                       "waits for every pull; run the model on a non-default stream "
                       "(docs/integration.md)")
-        received = sum(sum(nbytes[t.layer]) for items in sched.receives.values()
+        received = sum(sum(w.nbytes for w in mine[t.layer]) for items in sched.receives.values()
                        for t in items)
         works: list[Any] = []
         with self._on_side_stream(device):
@@ -442,8 +442,7 @@ class TransferEngine:
             done = 0
             for piece, upto in enumerate(layout.packed_per_piece):
                 for offset, layer, src_slot in layout.packed[done:upto]:
-                    self._copy_slot(packed, offset, expert_weights[layer], src_slot,
-                                    nbytes[layer])
+                    self._copy_slot(packed, offset, mine[layer], src_slot)
                 done = upto
                 ops = [self._op(dist.irecv, staging[begin:end], src)
                        for src, begin, end in layout.recv_spans[piece]]
@@ -456,8 +455,7 @@ class TransferEngine:
             # overlap the network.
             for offset, src, layer, src_slot in layout.pulls:
                 assert shared is not None
-                self._copy_slot(staging, offset, shared.peers[src][layer], src_slot,
-                                nbytes[layer])
+                self._copy_slot(staging, offset, shared.peer_slots[src][layer], src_slot)
             event = None
             if device.type == "cuda":
                 for work in works:
@@ -477,12 +475,12 @@ class TransferEngine:
                             note_commit=self._commits.append)
 
     @staticmethod
-    def _copy_slot(buffer: torch.Tensor, offset: int, weights: Sequence[torch.Tensor],
-                   slot: int, nbytes: Sequence[int]) -> None:
-        """Copy local `slot` of every tensor of one layer into `buffer` at `offset`."""
-        for weight, n in zip(weights, nbytes, strict=True):
-            typed_view(buffer, offset, n, weight).copy_(weight[slot], non_blocking=True)
-            offset += aligned(n)
+    def _copy_slot(buffer: torch.Tensor, offset: int, tensors: Sequence[SlotBytes],
+                   slot: int) -> None:
+        """Copy `slot` of every tensor of one layer into `buffer` at `offset`."""
+        for t in tensors:
+            t.to_buffer(buffer, offset, slot)
+            offset += aligned(t.nbytes)
 
     def _op(self, op: Any, tensor: torch.Tensor, peer: int) -> dist.P2POp:
         return dist.P2POp(op, tensor, self._peer(peer), group=self._group)

@@ -176,11 +176,12 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int,
     Overlapped, it tells the copy mechanism's own sensitivity to a busy GPU
     apart from the engine's: the same single copy, no staging, no schedule."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = (shared_empty((nbytes,), torch.uint8) if device.type == "cpu"
-            else torch.empty(nbytes, dtype=torch.uint8, device=device))
+    size = int(reduce_value(nbytes, device, dist.ReduceOp.MAX))  # every peer's is enough
+    mine = (shared_empty((size,), torch.uint8) if device.type == "cpu"
+            else torch.empty(size, dtype=torch.uint8, device=device))
     handles: list[Any] = [None] * world
     dist.all_gather_object(handles, export(mine)[0])
-    peer = open_handle(handles[(rank + 1) % world], device)
+    peer = open_handle(handles[(rank + 1) % world], device)[:nbytes]
     local = torch.empty(nbytes, dtype=torch.uint8, device=device)
     local.copy_(peer)
     times, slowdowns = [], []

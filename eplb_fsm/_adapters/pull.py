@@ -257,7 +257,7 @@ class SharedWeights:
     peer_slots: dict[int, list[list[SlotBytes]]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.peer_slots = {src: [[SlotBytes(w) for w in layer] for layer in layers]
+        self.peer_slots = {src: [[SlotBytes(w, per_slot=True) for w in layer] for layer in layers]
                            for src, layers in self.peers.items()}
 
     def matches(self, weights: Sequence[Sequence[torch.Tensor]]) -> bool:

@@ -49,18 +49,25 @@ class SlotBytes:
     and one select per copy. Non-contiguous weights keep the typed views.
     """
 
-    __slots__ = ("nbytes", "rows", "weight")
+    __slots__ = ("nbytes", "rows", "slot_rows", "weight")
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, per_slot: bool = False) -> None:
+        """`per_slot`: also keep one view per slot (for tensors read many times,
+        like a peer's mapped weights, so a copy costs no select)."""
         self.weight = weight
         self.nbytes = slot_nbytes(weight)
         self.rows: torch.Tensor | None = None
+        self.slot_rows: list[torch.Tensor] | None = None
         if weight.is_contiguous() and weight.numel():
             self.rows = weight.view(weight.shape[0], -1).view(torch.uint8)
+            if per_slot:
+                self.slot_rows = list(self.rows.unbind(0))
 
     def to_buffer(self, buffer: torch.Tensor, offset: int, slot: int) -> None:
         """Queue a copy of `slot` into `buffer` at byte `offset`."""
-        if self.rows is not None:
+        if self.slot_rows is not None:
+            buffer[offset:offset + self.nbytes].copy_(self.slot_rows[slot], non_blocking=True)
+        elif self.rows is not None:
             buffer[offset:offset + self.nbytes].copy_(self.rows[slot], non_blocking=True)
         else:
             typed_view(buffer, offset, self.nbytes, self.weight).copy_(self.weight[slot],

@@ -68,7 +68,7 @@ import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
-from .._core.transfer_schedule import RankSchedule, aligned, auto_pieces, schedule
+from .._core.transfer_schedule import RankSchedule, aligned, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
 from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
@@ -418,21 +418,22 @@ class TransferEngine:
 
     def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
                 shared: SharedWeights | None, problem: str) -> StagedLayers:
-        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]] for layer in sched.layers}
-        strides = {layer: sum(aligned(t.nbytes) for t in tensors)
-                   for layer, tensors in mine.items()}
+        # Everything before the first copy delays the transfer: only what it needs.
+        nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
+                  for layer in sched.layers}
+        strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
         channels = shared.channels if shared is not None else None
-        pieces = (auto_pieces(sched.plan, strides, channels=channels)
+        pieces = (sched.auto_pieces(strides, channels)
                   if self._pieces == "auto" else self._pieces)
         layout = sched.layout(strides, pieces, channels)
-        if (layout.pulls and device.type == "cuda"
+        if (layout.pulls and device.type == "cuda" and "default-stream" not in self._said
                 and torch.cuda.current_stream(device) == torch.cuda.default_stream(device)):
             self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
                       "pulls' side stream serializes with it, so compute on that stream "
                       "waits for every pull; run the model on a non-default stream "
                       "(docs/integration.md)")
-        received = sum(sum(w.nbytes for w in mine[t.layer]) for items in sched.receives.values()
-                       for t in items)
+        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]]
+                for layer in {layer for _, layer, _ in layout.packed}}
         works: list[Any] = []
         with self._on_side_stream(device):
             if device.type == "cuda":
@@ -462,6 +463,8 @@ class TransferEngine:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
                 event.record()
+        received = sum(sched.received_count(layer) * sum(sizes)
+                       for layer, sizes in nbytes.items())
         error = None
         if problem:
             error = RuntimeError(

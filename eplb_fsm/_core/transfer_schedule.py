@@ -104,6 +104,27 @@ class RankSchedule:
     commits: Mapping[int, tuple[CommitStep, ...]] = field(repr=False)  # by layer
     _layouts: dict[tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...]], Layout] = \
         field(default_factory=dict, repr=False)
+    _pieces: dict[tuple[tuple[int, ...], frozenset[tuple[int, int]]], int] = \
+        field(default_factory=dict, repr=False)
+    _received: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def received_count(self, layer: int) -> int:
+        """Experts this rank receives (or pulls) for `layer`."""
+        if not self._received:
+            for items in self.receives.values():
+                for t in items:
+                    self._received[t.layer] = self._received.get(t.layer, 0) + 1
+            self._received[-1] = 0  # marks the count as made, even when nothing arrives
+        return self._received.get(layer, 0)
+
+    def auto_pieces(self, strides: Mapping[int, int], channels: ChannelMap | None = None) -> int:
+        """`auto_pieces` of this plan, remembered per strides and channels: it walks
+        the global plan, and the agreed staging step should only launch."""
+        pulls = channels.pulls if channels is not None else frozenset()
+        key = (tuple(int(strides[layer]) for layer in self.layers), pulls)
+        if key not in self._pieces:
+            self._pieces[key] = auto_pieces(self.plan, strides, channels=channels)
+        return self._pieces[key]
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -130,8 +130,10 @@ class GemmStream:
 
 def _transfers(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layers: list[int],
                weights: list[list[torch.Tensor]], repeats: int) -> None:
+    # Planned beforehand, as the runtime's planning thread does: stage() only launches.
+    prepared = engine.prepare(old, new, layers)
     for _ in range(repeats):
-        handle = engine.stage(old, new, layers, weights)
+        handle = engine.stage(old, new, layers, weights, prepared)
         while not handle.ready():
             pass
         handle.release()  # nothing committed: the sender's live slots never change

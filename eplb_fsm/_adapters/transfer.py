@@ -151,6 +151,9 @@ class TransferEngine:
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
+        # layer -> bytes one expert occupies (aligned), as last staged or shared:
+        # written by the serving thread, read by prepare() in the planning thread.
+        self._strides: dict[int, int] = {}
 
     # -- the WeightMover protocol ----------------------------------------------------------
 
@@ -167,7 +170,18 @@ class TransferEngine:
         """
         plan = plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
                            layers, node_size=self._node_size)  # validates the maps
-        return PreparedTransfer(plan, schedule(plan, self.rank))
+        sched = schedule(plan, self.rank)
+        # The byte layout needs the weights' shapes, which only stage() sees; the
+        # model's shapes do not change, so lay out with the last ones seen here,
+        # and stage() finds the layout made (or makes it, if they did change).
+        strides = self._strides
+        if all(layer in strides for layer in sched.layers):
+            shared = self._shared[-1] if self._shared else None
+            channels = shared.channels if shared is not None else None
+            pieces = (sched.auto_pieces(strides, channels)
+                      if self._pieces == "auto" else self._pieces)
+            sched.layout(strides, pieces, channels)
+        return PreparedTransfer(plan, sched)
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
@@ -213,6 +227,8 @@ class TransferEngine:
                                     (len(expert_weights), num_local * self.world_size))
         group = self._cpu_group if self._cpu_group is not None else self._group
         shared = _share_weights(expert_weights, group, self.path, device, self._node_size)
+        self._strides.update({layer: sum(aligned(slot_nbytes(w)) for w in tensors)
+                              for layer, tensors in enumerate(expert_weights)})
         # One record per set of weights: a re-share replaces the old one.
         self._shared = [s for s in self._shared if not s.matches(expert_weights)
                         and s.weights is not expert_weights] + [shared]
@@ -422,6 +438,7 @@ class TransferEngine:
         nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
                   for layer in sched.layers}
         strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+        self._strides.update(strides)
         channels = shared.channels if shared is not None else None
         pieces = (sched.auto_pieces(strides, channels)
                   if self._pieces == "auto" else self._pieces)

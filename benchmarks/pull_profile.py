@@ -10,6 +10,7 @@ transfer_bench.py). Per row, medians over repeats, the slowest rank:
 - ``raw, 1 stream``: the same copies (one per tensor and slot, the engine's
   layout) issued in a plain loop on one stream;
 - ``raw, stream per peer``: the same, one stream per source rank;
+- ``raw, 2 streams``: the same, alternating over two streams;
 - ``raw + N local copies``: the raw copies plus what the engine staged
   before local moves went to commit (same-device copies on the side stream:
   under GEMMs they wait for SMs);
@@ -149,6 +150,21 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
                     events.append(event)
         return lambda: all(e.query() for e in events)
 
+    def two_streams() -> Callable[[], bool]:
+        pair = [streams[rank], streams[(rank + 1) % world]]
+        cur = torch.cuda.current_stream(device)
+        for stream in pair:
+            stream.wait_stream(cur)
+        for index, (_, dst, source) in enumerate(copies):
+            with torch.cuda.stream(pair[index % 2]):
+                dst.copy_(source, non_blocking=True)
+        events = []
+        for stream in pair:
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
+        return lambda: all(e.query() for e in events)
+
     def with_local(stream: torch.cuda.Stream) -> Callable[[], bool]:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -174,6 +190,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
         ("engine", engine_run),
         ("raw, 1 stream", lambda: raw(False, False)),
         ("raw, stream per peer", lambda: raw(True, False)),
+        ("raw, 2 streams", lambda: two_streams()),
         (f"raw + {len(local)} local copies", lambda: with_local(streams[rank])),
         ("one copy per peer", lambda: raw(True, True)),
         ("bound, side stream", lambda: bound(streams[rank], big)),

@@ -68,7 +68,7 @@ import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
-from .._core.transfer_schedule import Layout, RankSchedule, aligned, schedule
+from .._core.transfer_schedule import RankSchedule, aligned, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
 from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
@@ -79,7 +79,6 @@ if TYPE_CHECKING:
 __all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
 
 log = logging.getLogger("eplb_fsm")
-PULL_STREAMS = 2  # GPU streams a stage's pulls alternate over (see TransferEngine._pull)
 _unshared_told = False
 
 
@@ -148,7 +147,6 @@ class TransferEngine:
         self._node_size = node_size
         self._pieces = pieces
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._helpers: dict[torch.device, list[torch.cuda.Stream]] = {}  # extra pull streams
         self._warm = False
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
@@ -473,7 +471,9 @@ class TransferEngine:
                     works.extend(dist.batch_isend_irecv(ops))
             # Behind the launch, so the copy engines' reads of peers' memory
             # overlap the network.
-            self._pull(layout, staging, shared, device)
+            for offset, src, layer, src_slot in layout.pulls:
+                assert shared is not None
+                self._copy_slot(staging, offset, shared.peer_slots[src][layer], src_slot)
             event = None
             if device.type == "cuda":
                 for work in works:
@@ -493,35 +493,6 @@ class TransferEngine:
                             dict(layout.staging), layout.temp, received, self._keep_until_done,
                             pulls=bool(channels is not None and channels.pulls),
                             note_commit=self._commits.append)
-
-    def _pull(self, layout: Layout, staging: torch.Tensor, shared: SharedWeights | None,
-              device: torch.device) -> None:
-        """Queue the pulls, alternating over `PULL_STREAMS` streams on GPU.
-
-        One stream runs its copies one after another on one copy engine, with
-        a gap between them; two streams keep two engines busy (measured on 2
-        H200s, benchmarks/pull_profile.py). The side stream then waits for the
-        helper streams, so the transfer's event covers every pull."""
-        if not layout.pulls:
-            return
-        assert shared is not None
-        if device.type != "cuda" or PULL_STREAMS == 1 or len(layout.pulls) == 1:
-            for offset, src, layer, src_slot in layout.pulls:
-                self._copy_slot(staging, offset, shared.peer_slots[src][layer], src_slot)
-            return
-        side = torch.cuda.current_stream(device)
-        helpers = self._helpers.get(device)
-        if helpers is None:
-            helpers = self._helpers[device] = [torch.cuda.Stream(device=device)
-                                               for _ in range(PULL_STREAMS - 1)]
-        streams = [side, *helpers]
-        for helper in helpers:
-            helper.wait_stream(side)
-        for index, (offset, src, layer, src_slot) in enumerate(layout.pulls):
-            with torch.cuda.stream(streams[index % len(streams)]):
-                self._copy_slot(staging, offset, shared.peer_slots[src][layer], src_slot)
-        for helper in helpers:
-            side.wait_stream(helper)
 
     @staticmethod
     def _copy_slot(buffer: torch.Tensor, offset: int, tensors: Sequence[SlotBytes],

@@ -148,6 +148,8 @@ class TransferEngine:
         self._pieces = pieces
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._warm = False
+        self._backends: dict[str, str] = {}  # device type -> the group's backend for it
+        self._stream_checked = False  # the legacy-default-stream check ran (once per engine)
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
@@ -399,11 +401,15 @@ class TransferEngine:
                          "to share_weights(); call share_weights() on every rank again")
 
     def _backend_for(self, device: torch.device) -> str:
-        name = str(dist.get_backend(self._group))
-        if ":" in name:  # "cpu:gloo,cuda:nccl"
-            mapping = dict(part.split(":", 1) for part in name.split(","))
-            return mapping.get(device.type, "")
-        return name
+        backend = self._backends.get(device.type)
+        if backend is None:  # a group's backends never change: ask once per device type
+            name = str(dist.get_backend(self._group))
+            backend = name
+            if ":" in name:  # "cpu:gloo,cuda:nccl"
+                mapping = dict(part.split(":", 1) for part in name.split(","))
+                backend = mapping.get(device.type, "")
+            self._backends[device.type] = backend
+        return backend
 
     def _resolve_device(self, expert_weights: Weights) -> torch.device:
         if self._device is not None:
@@ -443,20 +449,22 @@ class TransferEngine:
         pieces = (sched.auto_pieces(strides, channels)
                   if self._pieces == "auto" else self._pieces)
         layout = sched.layout(strides, pieces, channels)
-        if (layout.pulls and device.type == "cuda" and "default-stream" not in self._said
-                and torch.cuda.current_stream(device) == torch.cuda.default_stream(device)):
-            self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
-                      "pulls' side stream serializes with it, so compute on that stream "
-                      "waits for every pull; run the model on a non-default stream "
-                      "(docs/integration.md)")
+        if layout.pulls and device.type == "cuda" and not self._stream_checked:
+            self._stream_checked = True  # a serving loop keeps its stream: check once
+            if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+                self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
+                          "pulls' side stream serializes with it, so compute on that "
+                          "stream waits for every pull; run the model on a non-default "
+                          "stream (docs/integration.md)")
         mine = {layer: [SlotBytes(w) for w in expert_weights[layer]]
                 for layer in {layer for _, layer, _ in layout.packed}}
         works: list[Any] = []
         with self._on_side_stream(device):
-            if device.type == "cuda":
+            if device.type == "cuda" and not self._warm:
                 self.warm_up(device)
             staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
-            packed = torch.empty(layout.send_bytes, dtype=torch.uint8, device=device)
+            packed = (torch.empty(layout.send_bytes, dtype=torch.uint8, device=device)
+                      if layout.send_bytes else staging[:0])
             done = 0
             for piece, upto in enumerate(layout.packed_per_piece):
                 for offset, layer, src_slot in layout.packed[done:upto]:

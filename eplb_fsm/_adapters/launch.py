@@ -2,10 +2,15 @@
 
 Used by the multi-process tests and by ``eplb-fsm simulate``: each rank is
 a fresh *spawned* process (never forked: torch and threads don't survive a
-fork), the rendezvous uses a free port picked at launch (tests run in
-parallel without colliding), and the whole run is bounded in time: a rank
-that hangs or dies makes `run_ranks` kill the others and raise, naming the
-rank, instead of blocking its caller.
+fork), and the whole run is bounded in time: a rank that hangs or dies
+makes `run_ranks` kill the others and raise, naming the rank, instead of
+blocking its caller.
+
+The rendezvous store is bound by rank 0 on a port the OS picks (port 0),
+and rank 0 hands the port to the others. Picking a free port in the parent
+and binding it later in rank 0 raced with every other process on the
+machine (tests run in parallel, and gloo opens ephemeral ports): it failed
+once with EADDRINUSE.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class RankFailed(RuntimeError):
 
 
 def free_port() -> int:
+    """A TCP port free at the time of the call (another process may take it later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -38,7 +44,7 @@ def _rank_main(
     fn: Callable[..., Any],
     rank: int,
     world_size: int,
-    port: int,
+    port: Any,
     backend: str,
     timeout_s: float,
     args: Sequence[Any],
@@ -46,11 +52,24 @@ def _rank_main(
 ) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world_size))
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        if rank == 0:
+            store = dist.TCPStore("127.0.0.1", 0, None, True, timeout)
+            with port.get_lock():
+                port.value = store.port
+        else:
+            deadline = time.monotonic() + timeout_s
+            while not port.value:  # rank 0 binds the store first
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"rank 0 bound no store within {timeout_s:.0f} s")
+                time.sleep(0.01)
+            store = dist.TCPStore("127.0.0.1", port.value, None, False, timeout)
+        # For code that reads the usual variables (e.g. a nested launcher).
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port.value),
+                          RANK=str(rank), WORLD_SIZE=str(world_size))
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout)
         value = fn(rank, world_size, *args)
         results.put((rank, True, value))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
@@ -82,7 +101,7 @@ def run_ranks(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    port = ctx.Value("i", 0)  # set by rank 0 once its store is bound
     procs = [
         ctx.Process(target=_rank_main, daemon=True,
                     args=(fn, rank, world_size, port, backend, timeout, args, results))

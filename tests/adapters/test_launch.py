@@ -1,8 +1,10 @@
-"""run_ranks: results in rank order, a raising rank, a hanging rank, a dying rank."""
+"""run_ranks: results in rank order, a raising rank, a hanging rank, a dying rank,
+and a rendezvous that no other process can take the port of."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -52,3 +54,16 @@ def test_hanging_rank_fails_within_the_timeout() -> None:
 def test_dying_rank_is_reported() -> None:
     with pytest.raises(RankFailed, match=r"\[1\] exited without a result \(exit codes \{1: 3\}\)"):
         run_ranks(_die_on_one, 2, timeout=60)
+
+
+def test_rendezvous_survives_a_taken_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parent once picked a free port and rank 0 bound it later; a port taken
+    # in between failed the launch (EADDRINUSE). Now rank 0 binds whatever the OS
+    # gives it, so even a parent-side pick of a busy port changes nothing.
+    from eplb_fsm._adapters import launch
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        monkeypatch.setattr(launch, "free_port", lambda: busy.getsockname()[1])
+        assert run_ranks(_sum_ranks, 2, 0, timeout=60) == [1, 1]

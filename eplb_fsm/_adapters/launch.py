@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -71,7 +72,10 @@ def _rank_main(
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Pickled here, by value: the queue's own pickler would send tensors as
+        # shared-memory handles that the parent can only open while this
+        # process lives, and it may exit before the parent reads them.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -126,7 +130,7 @@ def run_ranks(
                         rank, ok, value = results.get()
                         if not ok:
                             raise RankFailed(f"rank {rank} raised:\n{value}") from None
-                        values[rank] = value
+                        values[rank] = pickle.loads(value)
                     dead = [r for r in dead if r not in values]
                     for r in [r for r in dead if r in may_die]:
                         values[r] = None
@@ -142,7 +146,7 @@ def run_ranks(
                 continue
             if not ok:
                 raise RankFailed(f"rank {rank} raised:\n{value}")
-            values[rank] = value
+            values[rank] = pickle.loads(value)
     finally:
         for proc in procs:
             proc.join(timeout=5)

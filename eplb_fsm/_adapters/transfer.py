@@ -488,7 +488,7 @@ class TransferEngine:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
                 event.record()
-        received = sum(sched.received_count(layer) * sum(sizes)
+        received = sum(sched.received_counts[layer] * sum(sizes)
                        for layer, sizes in nbytes.items())
         error = None
         if problem:

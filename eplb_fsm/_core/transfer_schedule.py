@@ -106,16 +106,7 @@ class RankSchedule:
         field(default_factory=dict, repr=False)
     _pieces: dict[tuple[tuple[int, ...], frozenset[tuple[int, int]]], int] = \
         field(default_factory=dict, repr=False)
-    _received: dict[int, int] = field(default_factory=dict, repr=False)
-
-    def received_count(self, layer: int) -> int:
-        """Experts this rank receives (or pulls) for `layer`."""
-        if not self._received:
-            for items in self.receives.values():
-                for t in items:
-                    self._received[t.layer] = self._received.get(t.layer, 0) + 1
-            self._received[-1] = 0  # marks the count as made, even when nothing arrives
-        return self._received.get(layer, 0)
+    received_counts: Mapping[int, int] = field(default_factory=dict, repr=False)  # by layer
 
     def auto_pieces(self, strides: Mapping[int, int], channels: ChannelMap | None = None) -> int:
         """`auto_pieces` of this plan, remembered per strides and channels: it walks
@@ -237,4 +228,5 @@ def schedule(plan: TransferPlan, rank: int) -> RankSchedule:
         plan, rank,
         {src: tuple(items) for src, items in sorted(receives.items())},
         {dst: tuple(items) for dst, items in sorted(sends.items())},
-        {rp.layer: commit_steps(rp) for rp in plan.rank_plans(rank)})
+        {rp.layer: commit_steps(rp) for rp in plan.rank_plans(rank)},
+        received_counts={rp.layer: len(rp.receives) for rp in plan.rank_plans(rank)})

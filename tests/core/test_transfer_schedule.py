@@ -82,6 +82,9 @@ def test_messages_match_and_commit_yields_new_placement(
             for slot in range(num_local):
                 if want[layer, slot] >= 0:  # vacated slots keep whatever they held
                     assert live[slot] == _code(layer, int(want[layer, slot]))
+        for layer in layers:  # what bytes_received counts: one staged row per item
+            assert sched.received_counts[layer] == sum(1 for lay, _ in layout.staging
+                                                       if lay == layer)
         # The temp row follows the staged rows, as wide as the widest layer using it.
         rows_end = max((off + strides[lay] for (lay, _), off in layout.staging.items()),
                        default=0)

@@ -304,7 +304,8 @@ class StagedLayers:
 
     @property
     def staging_bytes(self) -> int:
-        """Bytes of staging memory this handle holds (received and locally copied rows)."""
+        """Bytes of staging memory this handle holds (received or pulled rows, and the
+        temp row of a cycle of local moves)."""
         return 0 if self._staging is None else int(self._staging.numel())
 
     async def wait(self, poll_interval: float = 0.0005) -> None:

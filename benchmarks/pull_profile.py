@@ -247,12 +247,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
 
 
 def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    rng = np.random.default_rng(0)
-    old = tb.random_p2l(rng, 4, world, 9)
-    new = tb.random_p2l(rng, 4, world, 9)
-    weights = tb.make_weights(old, rank, world, tb.DEEPSEEK_SHAPES, device)
+    device, old, new, weights = tb.gpu_setup(rank, world)
     engine = TransferEngine(path="pull")
     engine.share_weights(weights)
     gemm = GemmStream(device, 8192)

@@ -87,12 +87,7 @@ def _launch_ms(peer_bytes: int, rank: int, world: int, busy: bool, repeats: int)
 
 
 def rank_fn(rank: int, world: int, repeats: int) -> dict[str, Any]:
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    rng = np.random.default_rng(0)
-    old = tb.random_p2l(rng, 4, world, 9)
-    new = tb.random_p2l(rng, 4, world, 9)
-    weights = tb.make_weights(old, rank, world, tb.DEEPSEEK_SHAPES, device)
+    _, old, new, weights = tb.gpu_setup(rank, world)
     out: dict[str, Any] = {"rows": []}
     nccl = TransferEngine(path="nccl")
     pull = TransferEngine(path="pull")

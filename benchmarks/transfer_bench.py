@@ -118,6 +118,18 @@ def check_markers(weights: list[list[torch.Tensor]], p2l: np.ndarray, rank: int,
 # -- timing ------------------------------------------------------------------------------------
 
 
+def gpu_setup(rank: int, world: int, layers: int = 4, slots: int = 9, seed: int = 0
+              ) -> tuple[torch.device, np.ndarray, np.ndarray, list[list[torch.Tensor]]]:
+    """(device, old, new, weights): this rank's GPU, two random placements of
+    `layers` x (world x `slots`), and DeepSeek-V3-like weights for `old`."""
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    rng = np.random.default_rng(seed)
+    old = random_p2l(rng, layers, world, slots)
+    new = random_p2l(rng, layers, world, slots)
+    return device, old, new, make_weights(old, rank, world, DEEPSEEK_SHAPES, device)
+
+
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

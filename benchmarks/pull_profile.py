@@ -48,7 +48,7 @@ from pull_bench import GemmStream
 
 from eplb_fsm._adapters.pull import export, open_handle
 from eplb_fsm._adapters.staged import slot_nbytes, typed_view
-from eplb_fsm._core.transfer_schedule import aligned
+from eplb_fsm._core.transfer_schedule import aligned, expert_stride
 from eplb_fsm.testing import run_ranks
 from eplb_fsm.transfer import TransferEngine
 
@@ -90,7 +90,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
     prepared = engine.prepare(old, new, layers)
     sched = prepared.schedule
     nbytes = {layer: [slot_nbytes(w) for w in weights[layer]] for layer in layers}
-    strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+    strides = {layer: expert_stride(sizes) for layer, sizes in nbytes.items()}
     layout = sched.layout(strides, 1, record.channels)
     staging = torch.empty(max(layout.staging_bytes, 1), dtype=torch.uint8, device=device)
     copies = []  # (src rank, dst view, src view)

@@ -65,13 +65,12 @@ class SlotBytes:
 
     def to_buffer(self, buffer: torch.Tensor, offset: int, slot: int) -> None:
         """Queue a copy of `slot` into `buffer` at byte `offset`."""
-        if self.slot_rows is not None:
-            buffer[offset:offset + self.nbytes].copy_(self.slot_rows[slot], non_blocking=True)
-        elif self.rows is not None:
-            buffer[offset:offset + self.nbytes].copy_(self.rows[slot], non_blocking=True)
-        else:
+        if self.rows is None:
             typed_view(buffer, offset, self.nbytes, self.weight).copy_(self.weight[slot],
                                                                       non_blocking=True)
+            return
+        row = self.slot_rows[slot] if self.slot_rows is not None else self.rows[slot]
+        buffer[offset:offset + self.nbytes].copy_(row, non_blocking=True)
 
     def from_buffer(self, buffer: torch.Tensor, offset: int, slot: int) -> None:
         """Queue a copy of `buffer`'s bytes at `offset` into `slot`."""

@@ -68,7 +68,7 @@ import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
-from .._core.transfer_schedule import RankSchedule, aligned, schedule
+from .._core.transfer_schedule import RankSchedule, aligned, expert_stride, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
 from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
@@ -229,7 +229,7 @@ class TransferEngine:
                                     (len(expert_weights), num_local * self.world_size))
         group = self._cpu_group if self._cpu_group is not None else self._group
         shared = _share_weights(expert_weights, group, self.path, device, self._node_size)
-        self._strides.update({layer: sum(aligned(slot_nbytes(w)) for w in tensors)
+        self._strides.update({layer: expert_stride(map(slot_nbytes, tensors))
                               for layer, tensors in enumerate(expert_weights)})
         # One record per set of weights: a re-share replaces the old one.
         self._shared = [s for s in self._shared if not s.matches(expert_weights)
@@ -342,7 +342,7 @@ class TransferEngine:
         num_local = expert_weights[0][0].shape[0] if expert_weights[0] else 0
         self.check_weights(expert_weights, (len(expert_weights), num_local * self.world_size))
         device = self._resolve_device(expert_weights)
-        per_layer = sorted((num_local * sum(aligned(slot_nbytes(w)) for w in layer)
+        per_layer = sorted((num_local * expert_stride(map(slot_nbytes, layer))
                             for layer in expert_weights), reverse=True)
         receive = sum(per_layer[:layers_at_once])
         send = receive * (self.world_size - 1)
@@ -443,7 +443,7 @@ class TransferEngine:
         # Everything before the first copy delays the transfer: only what it needs.
         nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
                   for layer in sched.layers}
-        strides = {layer: sum(aligned(n) for n in sizes) for layer, sizes in nbytes.items()}
+        strides = {layer: expert_stride(sizes) for layer, sizes in nbytes.items()}
         self._strides.update(strides)
         channels = shared.channels if shared is not None else None
         pieces = (sched.auto_pieces(strides, channels)

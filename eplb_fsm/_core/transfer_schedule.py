@@ -42,7 +42,7 @@ agreed staging step only allocates, packs and launches.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .commit_order import CommitStep, commit_steps, needs_temp
@@ -50,7 +50,7 @@ from .transfer_channels import ChannelMap
 from .transfer_plan import Transfer, TransferPlan
 
 __all__ = ["ALIGN", "PIECES_THRESHOLD", "Layout", "RankSchedule", "aligned", "auto_pieces",
-           "schedule"]
+           "expert_stride", "schedule"]
 
 ALIGN = 256  # bytes; every item starts aligned, so typed views and DMA stay fast
 PIECES_THRESHOLD = 512 * 2**20  # mean bytes sent per rank above which 2 pieces pay off
@@ -58,6 +58,12 @@ PIECES_THRESHOLD = 512 * 2**20  # mean bytes sent per rank above which 2 pieces 
 
 def aligned(nbytes: int) -> int:
     return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+def expert_stride(slot_bytes: Iterable[int]) -> int:
+    """Bytes one expert occupies in a buffer (a layer's *stride*): the slot bytes
+    of each of its tensors, each run aligned."""
+    return sum(aligned(n) for n in slot_bytes)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,13 @@ from test_transfer_plan import placement_pairs
 
 from eplb_fsm._core.commit_order import needs_temp
 from eplb_fsm._core.transfer_plan import plan_layers
-from eplb_fsm._core.transfer_schedule import ALIGN, aligned, auto_pieces, schedule
+from eplb_fsm._core.transfer_schedule import (
+    ALIGN,
+    aligned,
+    auto_pieces,
+    expert_stride,
+    schedule,
+)
 
 UNIT = ALIGN  # one array element stands for one aligned run of bytes
 
@@ -112,6 +118,7 @@ def test_schedule_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
         schedule(plan, 2)
     assert aligned(1) == ALIGN and aligned(ALIGN) == ALIGN and aligned(0) == 0
+    assert expert_stride([1, ALIGN, ALIGN + 1]) == 4 * ALIGN and expert_stride([]) == 0
 
 
 def test_auto_pieces_follows_the_mean_bytes_per_rank() -> None:

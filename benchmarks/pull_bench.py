@@ -53,12 +53,14 @@ import torch.distributed as dist
 from transfer_bench import (
     DEEPSEEK_SHAPES,
     DRY_SHAPES,
+    add_run_arguments,
     card_name,
     check_markers,
     choose_world,
     make_weights,
     random_p2l,
     reduce_value,
+    run_values,
     sync_device,
 )
 
@@ -297,19 +299,10 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", type=int, default=None,
-                        help="ranks to spawn (default: every visible GPU; 2 with --dry-run)")
-    parser.add_argument("--slots", type=int, default=None, help="default 9 (3 dry)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 dry)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dry-run", action="store_true",
-                        help="gloo on CPU with tiny tensors: a smoke test of the script")
+    add_run_arguments(parser, repeats=5)
     ns = parser.parse_args(argv)
     args: dict[str, Any] = {
-        "dry_run": ns.dry_run, "backend": "gloo" if ns.dry_run else "nccl",
-        "slots": ns.slots or (3 if ns.dry_run else 9), "layers": sorted(set(ns.layers)),
-        "repeats": ns.repeats or (2 if ns.dry_run else 5), "seed": ns.seed,
+        **run_values(ns, repeats=5),
         "gemm_size": 64 if ns.dry_run else 8192, "gemm_warmup": 5 if ns.dry_run else 20,
         "only_nccl": False,
     }

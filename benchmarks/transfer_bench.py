@@ -287,6 +287,33 @@ def _commit_time(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layer
 # -- report ------------------------------------------------------------------------------------
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The arguments transfer_bench and pull_bench share (ranks, placement, repeats)."""
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="ranks to spawn (default: every visible GPU; 2 with --dry-run)")
+    parser.add_argument("--slots", type=int, default=None,
+                        help="local slots per rank (default 9; 3 with --dry-run)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4],
+                        help="layers per stage to measure (default: 1 4)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"default {repeats} (2 with --dry-run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="gloo on CPU with tiny tensors: a smoke test of the script")
+
+
+def run_values(ns: argparse.Namespace, repeats: int) -> dict[str, Any]:
+    """The shared arguments' values, dry-run defaults applied."""
+    return {
+        "dry_run": ns.dry_run,
+        "backend": "gloo" if ns.dry_run else "nccl",
+        "slots": ns.slots or (3 if ns.dry_run else 9),
+        "layers": sorted(set(ns.layers)),
+        "repeats": ns.repeats or (2 if ns.dry_run else repeats),
+        "seed": ns.seed,
+    }
+
+
 def choose_world(parser: argparse.ArgumentParser, gpus: int | None, dry_run: bool) -> int:
     """Ranks to spawn: `gpus`, else every visible GPU (2 for a CPU dry run)."""
     if dry_run:
@@ -341,29 +368,15 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpus", type=int, default=None,
-                        help="ranks to spawn (default: every visible GPU; 2 with --dry-run)")
-    parser.add_argument("--slots", type=int, default=None,
-                        help="local slots per rank (default 9; 3 with --dry-run)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 4],
-                        help="layers per stage to measure (default: 1 4)")
-    parser.add_argument("--repeats", type=int, default=None, help="default 10 (2 dry)")
+    add_run_arguments(parser, repeats=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pieces", type=int, nargs="+", default=[1, 2],
                         help="fixed pieces per message to measure besides 'auto' "
                              "(default: 1 2)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="gloo on CPU with tiny tensors: a smoke test of the script")
     ns = parser.parse_args(argv)
     args = {
-        "dry_run": ns.dry_run,
-        "backend": "gloo" if ns.dry_run else "nccl",
-        "slots": ns.slots or (3 if ns.dry_run else 9),
-        "layers": sorted(set(ns.layers)),
-        "repeats": ns.repeats or (2 if ns.dry_run else 10),
+        **run_values(ns, repeats=10),
         "warmup": ns.warmup if not ns.dry_run else min(ns.warmup, 1),
-        "seed": ns.seed,
         "pieces": sorted(set(ns.pieces)),
     }
     if min(args["layers"]) < 1 or args["slots"] < 2 or min(args["pieces"]) < 1:

@@ -58,7 +58,7 @@ from transfer_bench import (
     check_markers,
     choose_world,
     make_weights,
-    random_p2l,
+    rank_case,
     reduce_value,
     run_values,
     sync_device,
@@ -211,15 +211,8 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int,
 
 
 def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
-    device = torch.device("cpu")
-    if args["backend"] == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    shapes = DRY_SHAPES if args["dry_run"] else DEEPSEEK_SHAPES
+    device, shapes, old, new = rank_case(rank, world, args)
     num_layers = max(args["layers"])
-    rng = np.random.default_rng(args["seed"])
-    old = random_p2l(rng, num_layers, world, args["slots"])
-    new = random_p2l(rng, num_layers, world, args["slots"])
     slot_bytes = sum(a * b for a, b in shapes) * 2
     weights = make_weights(old, rank, world, shapes, device)
     if device.type == "cpu":  # pullable on CPU only from shared memory

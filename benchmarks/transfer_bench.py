@@ -118,16 +118,29 @@ def check_markers(weights: list[list[torch.Tensor]], p2l: np.ndarray, rank: int,
 # -- timing ------------------------------------------------------------------------------------
 
 
-def gpu_setup(rank: int, world: int, layers: int = 4, slots: int = 9, seed: int = 0
+def rank_case(rank: int, world: int, args: dict[str, Any]
+              ) -> tuple[torch.device, tuple[tuple[int, int], ...], np.ndarray, np.ndarray]:
+    """(device, expert shapes, old, new) for one rank of a run with `args`
+    (`run_values`): its GPU under NCCL (CPU for a dry run), and two random
+    placements of max(layers) x (world x slots), the same on every rank."""
+    device = torch.device("cpu")
+    if args["backend"] == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    shapes = DRY_SHAPES if args["dry_run"] else DEEPSEEK_SHAPES
+    rng = np.random.default_rng(args["seed"])
+    old = random_p2l(rng, max(args["layers"]), world, args["slots"])
+    new = random_p2l(rng, max(args["layers"]), world, args["slots"])
+    return device, shapes, old, new
+
+
+def gpu_setup(rank: int, world: int
               ) -> tuple[torch.device, np.ndarray, np.ndarray, list[list[torch.Tensor]]]:
-    """(device, old, new, weights): this rank's GPU, two random placements of
-    `layers` x (world x `slots`), and DeepSeek-V3-like weights for `old`."""
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    rng = np.random.default_rng(seed)
-    old = random_p2l(rng, layers, world, slots)
-    new = random_p2l(rng, layers, world, slots)
-    return device, old, new, make_weights(old, rank, world, DEEPSEEK_SHAPES, device)
+    """(device, old, new, weights) of the profiling scripts: 4 layers, 9 slots per
+    rank, seed 0, DeepSeek-V3-like weights for `old`."""
+    args = {"backend": "nccl", "dry_run": False, "layers": [4], "slots": 9, "seed": 0}
+    device, shapes, old, new = rank_case(rank, world, args)
+    return device, old, new, make_weights(old, rank, world, shapes, device)
 
 
 def sync_device(device: torch.device) -> None:
@@ -188,16 +201,9 @@ def bound_run(pair_bytes: np.ndarray, rank: int, buffers: dict[str, dict[int, to
 
 
 def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, Any]]:
-    device = torch.device("cpu")
-    if args["backend"] == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    shapes = DRY_SHAPES if args["dry_run"] else DEEPSEEK_SHAPES
+    device, shapes, old, new = rank_case(rank, world, args)
     batches: list[int] = args["layers"]
     num_layers = max(batches)
-    rng = np.random.default_rng(args["seed"])
-    old = random_p2l(rng, num_layers, world, args["slots"])
-    new = random_p2l(rng, num_layers, world, args["slots"])
     slot_bytes = sum(a * b for a, b in shapes) * 2
 
     # Correctness first: a real staged transfer of every layer, committed and checked.

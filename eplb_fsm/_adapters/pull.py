@@ -253,6 +253,8 @@ class SharedWeights:
     channels: ChannelMap
     peers: dict[int, list[list[torch.Tensor]]] = field(repr=False)  # src -> [layer][tensor]
     fingerprints: list[list[tuple[Any, ...]]] = field(repr=False)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    num_local: int = 0  # slots per rank: every weight's first dimension, as validated
     # The mapped peers' tensors as byte rows, made once here, not per stage.
     peer_slots: dict[int, list[list[SlotBytes]]] = field(init=False, repr=False)
 
@@ -271,10 +273,16 @@ class SharedWeights:
 
     def reallocated(self, weights: Sequence[Sequence[torch.Tensor]],
                     layers: Sequence[int]) -> str | None:
-        """Where `weights` of `layers` no longer are the memory peers mapped, or None."""
+        """Where `weights` of `layers` no longer are the memory peers mapped, or None.
+
+        Equal fingerprints also mean equal shapes, dtypes and devices, which
+        `TransferEngine.share_weights` validated: its `stage` relies on that."""
         for layer in layers:
-            for index, weight in enumerate(weights[layer]):
-                if _fingerprint(weight) != self.fingerprints[layer][index]:
+            tensors, prints = weights[layer], self.fingerprints[layer]
+            if len(tensors) != len(prints):
+                return f"expert_weights[{layer}] (now {len(tensors)} tensors, {len(prints)} shared)"
+            for index, weight in enumerate(tensors):
+                if _fingerprint(weight) != prints[index]:
                     return f"expert_weights[{layer}][{index}]"
         return None
 
@@ -335,4 +343,5 @@ def share_weights(weights: Sequence[Sequence[torch.Tensor]], group: Any, mode: s
     pulled_from = channels.pulled_from(rank)
     peers = {src: tensors for src, tensors in peers.items() if src in pulled_from}
     prints = [[_fingerprint(w) for w in layer] for layer in weights]
-    return SharedWeights(weights, rank, channels, peers, prints)
+    num_local = int(weights[0][0].shape[0]) if weights and weights[0] else 0
+    return SharedWeights(weights, rank, channels, peers, prints, device, num_local)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -174,7 +174,8 @@ class StagedLayers:
     """
 
     def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                 inflight: InFlight, staging: torch.Tensor, offsets: dict[tuple[int, int], int],
+                 inflight: InFlight, staging: torch.Tensor,
+                 offsets: Mapping[tuple[int, int], int],
                  temp: int, bytes_received: int, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
                  note_commit: Callable[[torch.cuda.Event], None] | None = None) -> None:

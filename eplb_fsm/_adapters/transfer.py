@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -68,7 +68,7 @@ import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
-from .._core.transfer_schedule import RankSchedule, aligned, expert_stride, schedule
+from .._core.transfer_schedule import Layout, RankSchedule, aligned, expert_stride, schedule
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
 from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
@@ -90,11 +90,39 @@ def _tell_unshared() -> None:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """What `stage()` needs beyond the schedule, for one set of per-layer slot
+    bytes and one sharing record: the byte layout, each pull as (peer tensor,
+    slot, staging offset), and the bytes this rank receives.
+
+    Why a separate object: `prepare()` makes it in the planning thread whenever
+    it already knows the weights' sizes and the agreed channels, so the
+    agreed staging step only checks that the weights are still the memory
+    shared and launches. On the H200 hosts every microsecond of Python
+    before the first copy delays the whole transfer (benchmarks/stage_timeline.py).
+    """
+
+    nbytes: Mapping[int, tuple[int, ...]]  # layer -> one slot's bytes, per tensor
+    shared: SharedWeights | None
+    layout: Layout
+    pulls: tuple[tuple[SlotBytes, int, int], ...]
+    received: int
+
+    @property
+    def network(self) -> bool:
+        """Whether this rank sends or receives any message (else it only pulls)."""
+        return bool(self.layout.send_bytes) or any(self.layout.recv_spans)
+
+
+@dataclass(frozen=True)
 class PreparedTransfer:
-    """What `TransferEngine.prepare` returns: the plan and this rank's schedule."""
+    """What `TransferEngine.prepare` returns: the plan, this rank's schedule, the
+    maps' shape, and the `Launch` when prepare() could make it."""
 
     plan: TransferPlan
     schedule: RankSchedule
+    maps_shape: tuple[int, int] = (0, 0)
+    launch: Launch | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -146,16 +174,18 @@ class TransferEngine:
         self._device = torch.device(device) if device is not None else None
         self._node_size = node_size
         self._pieces = pieces
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        # device -> (side stream, the event it waits on): one event, recorded again
+        # per stage, instead of a new one each time.
+        self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._warm = False
         self._backends: dict[str, str] = {}  # device type -> the group's backend for it
         self._stream_checked = False  # the legacy-default-stream check ran (once per engine)
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
-        # layer -> bytes one expert occupies (aligned), as last staged or shared:
-        # written by the serving thread, read by prepare() in the planning thread.
-        self._strides: dict[int, int] = {}
+        # layer -> one slot's bytes per tensor, as last staged or shared: written
+        # by the serving thread, read by prepare() in the planning thread.
+        self._nbytes: dict[int, tuple[int, ...]] = {}
 
     # -- the WeightMover protocol ----------------------------------------------------------
 
@@ -173,17 +203,19 @@ class TransferEngine:
         plan = plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
                            layers, node_size=self._node_size)  # validates the maps
         sched = schedule(plan, self.rank)
-        # The byte layout needs the weights' shapes, which only stage() sees; the
-        # model's shapes do not change, so lay out with the last ones seen here,
-        # and stage() finds the layout made (or makes it, if they did change).
-        strides = self._strides
-        if all(layer in strides for layer in sched.layers):
+        maps_shape = tuple(np.shape(old_physical_to_logical))
+        # The byte layout needs the weights' sizes, which only stage() sees; the
+        # model's sizes do not change, so lay out with the last ones seen here,
+        # and stage() uses this launch if they still hold (or makes another).
+        known = self._nbytes
+        launch = None
+        if all(layer in known for layer in sched.layers):
             shared = self._shared[-1] if self._shared else None
-            channels = shared.channels if shared is not None else None
-            pieces = (sched.auto_pieces(strides, channels)
-                      if self._pieces == "auto" else self._pieces)
-            sched.layout(strides, pieces, channels)
-        return PreparedTransfer(plan, sched)
+            if shared is not None and maps_shape[1] != shared.num_local * self.world_size:
+                shared = None  # not the weights shared: stage() checks and says why
+            launch = self._make_launch(sched, {layer: known[layer] for layer in sched.layers},
+                                       shared)
+        return PreparedTransfer(plan, sched, (int(maps_shape[0]), int(maps_shape[1])), launch)
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
@@ -201,12 +233,31 @@ class TransferEngine:
                   and prepared.schedule.rank == self.rank):
             raise ValueError(f"prepared must be this engine's prepare() of layers "
                              f"{tuple(layers)}")
-        device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
-                                    prepared.layers)
-        shared, problem = self._shared_for(expert_weights, prepared.layers)
+        launch = prepared.launch
+        shared = launch.shared if launch is not None else None
+        if (shared is not None and expert_weights is shared.weights and self._shared
+                and self._shared[-1] is shared
+                and np.shape(old_physical_to_logical) == prepared.maps_shape
+                and len(expert_weights) == prepared.maps_shape[0]
+                and shared.reallocated(expert_weights, prepared.layers) is None):
+            # The common case, kept short because it delays the first copy: the
+            # weights are the memory shared, so their shapes, dtypes and device
+            # are the ones check_weights passed then, and prepare() made the
+            # launch for them (its maps matched the shared weights' shape).
+            assert launch is not None
+            device, problem = shared.device, ""
+        else:
+            device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
+                                        prepared.layers)
+            shared, problem = self._shared_for(expert_weights, prepared.layers)
+            nbytes = {layer: tuple(slot_nbytes(w) for w in expert_weights[layer])
+                      for layer in prepared.layers}
+            self._nbytes.update(nbytes)
+            if launch is None or launch.shared is not shared or launch.nbytes != nbytes:
+                launch = self._make_launch(prepared.schedule, nbytes, shared)
         self._prune()
         with torch.no_grad():
-            return self._launch(prepared.schedule, expert_weights, device, shared, problem)
+            return self._launch(prepared.schedule, expert_weights, device, launch, problem)
 
     def share_weights(self, expert_weights: Weights) -> ChannelMap:
         """Collective: share handles to `expert_weights` with same-node peers and
@@ -229,8 +280,8 @@ class TransferEngine:
                                     (len(expert_weights), num_local * self.world_size))
         group = self._cpu_group if self._cpu_group is not None else self._group
         shared = _share_weights(expert_weights, group, self.path, device, self._node_size)
-        self._strides.update({layer: expert_stride(map(slot_nbytes, tensors))
-                              for layer, tensors in enumerate(expert_weights)})
+        self._nbytes.update({layer: tuple(map(slot_nbytes, tensors))
+                             for layer, tensors in enumerate(expert_weights)})
         # One record per set of weights: a re-share replaces the old one.
         self._shared = [s for s in self._shared if not s.matches(expert_weights)
                         and s.weights is not expert_weights] + [shared]
@@ -423,12 +474,16 @@ class TransferEngine:
         return group_rank if self._group is None else dist.get_global_rank(self._group,
                                                                            group_rank)
 
+    def _side(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Event]:
+        side = self._streams.get(device)
+        if side is None:
+            side = self._streams[device] = (torch.cuda.Stream(device=device), torch.cuda.Event())
+        return side
+
     def _on_side_stream(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
         if device.type != "cuda":
             return contextlib.nullcontext()
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        stream, _ = self._side(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         return torch.cuda.stream(stream)
 
@@ -436,71 +491,113 @@ class TransferEngine:
         self._draining.append(inflight)
 
     def _prune(self) -> None:
-        self._draining = [f for f in self._draining if not f.done()]
+        if self._draining:
+            self._draining = [f for f in self._draining if not f.done()]
 
-    def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                shared: SharedWeights | None, problem: str) -> StagedLayers:
-        # Everything before the first copy delays the transfer: only what it needs.
-        nbytes = {layer: [slot_nbytes(w) for w in expert_weights[layer]]
-                  for layer in sched.layers}
+    def _make_launch(self, sched: RankSchedule, nbytes: Mapping[int, tuple[int, ...]],
+                     shared: SharedWeights | None) -> Launch:
         strides = {layer: expert_stride(sizes) for layer, sizes in nbytes.items()}
-        self._strides.update(strides)
         channels = shared.channels if shared is not None else None
         pieces = (sched.auto_pieces(strides, channels)
                   if self._pieces == "auto" else self._pieces)
         layout = sched.layout(strides, pieces, channels)
-        if layout.pulls and device.type == "cuda" and not self._stream_checked:
-            self._stream_checked = True  # a serving loop keeps its stream: check once
-            if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
-                self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
-                          "pulls' side stream serializes with it, so compute on that "
-                          "stream waits for every pull; run the model on a non-default "
-                          "stream (docs/integration.md)")
-        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]]
-                for layer in {layer for _, layer, _ in layout.packed}}
+        pulls = []
+        for offset, src, layer, slot in layout.pulls:
+            assert shared is not None  # the layout routes pulls only by shared channels
+            for tensor in shared.peer_slots[src][layer]:
+                pulls.append((tensor, slot, offset))
+                offset += aligned(tensor.nbytes)
+        received = sum(sched.received_counts[layer] * sum(sizes)
+                       for layer, sizes in nbytes.items())
+        return Launch(nbytes, shared, layout, tuple(pulls), received)
+
+    def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
+                launch: Launch, problem: str) -> StagedLayers:
+        # Everything before the first copy delays the transfer: only what it needs.
+        layout = launch.layout
+        cuda = device.type == "cuda"
+        if cuda and not self._stream_checked and layout.pulls:
+            self._check_stream(device)
         works: list[Any] = []
-        with self._on_side_stream(device):
-            if device.type == "cuda" and not self._warm:
+        buffers: list[torch.Tensor] = []
+        restore, caller_device = None, None
+        if cuda:
+            # The side stream, after the current one. Set directly rather than with
+            # torch.cuda.stream(), and waiting on one reused event rather than a
+            # new one: ~30 us less before the first copy on an H200 host.
+            stream, fence = self._side(device)
+            restore = torch.cuda.current_stream(device)
+            caller_device = torch.cuda.current_device()
+            fence.record(restore)
+            stream.wait_event(fence)
+            torch.cuda.set_stream(stream)  # also makes `device` current
+        try:
+            if cuda and not self._warm:
                 self.warm_up(device)
             staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
-            packed = (torch.empty(layout.send_bytes, dtype=torch.uint8, device=device)
-                      if layout.send_bytes else staging[:0])
-            done = 0
-            for piece, upto in enumerate(layout.packed_per_piece):
-                for offset, layer, src_slot in layout.packed[done:upto]:
-                    self._copy_slot(packed, offset, mine[layer], src_slot)
-                done = upto
-                ops = [self._op(dist.irecv, staging[begin:end], src)
-                       for src, begin, end in layout.recv_spans[piece]]
-                ops += [self._op(dist.isend, packed[begin:end], dst)
-                        for dst, begin, end in layout.send_spans[piece]]
-                # torch rejects an empty list; an idle rank simply has nothing to wait for.
-                if ops:
-                    works.extend(dist.batch_isend_irecv(ops))
+            if launch.network:
+                works = self._send_and_receive(layout, expert_weights, staging, buffers)
             # Behind the launch, so the copy engines' reads of peers' memory
             # overlap the network.
-            for offset, src, layer, src_slot in layout.pulls:
-                assert shared is not None
-                self._copy_slot(staging, offset, shared.peer_slots[src][layer], src_slot)
+            for tensor, slot, offset in launch.pulls:
+                tensor.to_buffer(staging, offset, slot)
             event = None
-            if device.type == "cuda":
+            if cuda:
                 for work in works:
                     work.wait()  # the side stream waits for NCCL; the host does not
                 event = torch.cuda.Event()
-                event.record()
-        received = sum(sched.received_counts[layer] * sum(sizes)
-                       for layer, sizes in nbytes.items())
+                event.record(stream)
+        finally:
+            if restore is not None:
+                torch.cuda.set_stream(restore)
+                if caller_device != restore.device_index:
+                    torch.cuda.set_device(caller_device)
         error = None
         if problem:
             error = RuntimeError(
                 f"rank {self.rank}: {problem} is not the memory shared with peers by "
                 "share_weights() (reallocated?), so peers pulled stale weights from it; "
                 "call share_weights() on every rank again")
-        inflight = InFlight(works, event, [packed], self._waiter, error)
+        inflight = InFlight(works, event, buffers, self._waiter, error)
+        channels = launch.shared.channels if launch.shared is not None else None
         return StagedLayers(sched, expert_weights, device, inflight, staging,
-                            dict(layout.staging), layout.temp, received, self._keep_until_done,
+                            layout.staging, layout.temp, launch.received,
+                            self._keep_until_done,
                             pulls=bool(channels is not None and channels.pulls),
                             note_commit=self._commits.append)
+
+    def _send_and_receive(self, layout: Layout, expert_weights: Weights,
+                          staging: torch.Tensor, buffers: list[torch.Tensor]) -> list[Any]:
+        """Pack and launch this rank's messages, piece by piece; returns the works.
+        The send buffer goes into `buffers` (kept alive until the sends are done)."""
+        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]]
+                for layer in {layer for _, layer, _ in layout.packed}}
+        packed = staging[:0]
+        if layout.send_bytes:
+            packed = torch.empty(layout.send_bytes, dtype=torch.uint8, device=staging.device)
+            buffers.append(packed)
+        works: list[Any] = []
+        done = 0
+        for piece, upto in enumerate(layout.packed_per_piece):
+            for offset, layer, src_slot in layout.packed[done:upto]:
+                self._copy_slot(packed, offset, mine[layer], src_slot)
+            done = upto
+            ops = [self._op(dist.irecv, staging[begin:end], src)
+                   for src, begin, end in layout.recv_spans[piece]]
+            ops += [self._op(dist.isend, packed[begin:end], dst)
+                    for dst, begin, end in layout.send_spans[piece]]
+            # torch rejects an empty list; an idle rank simply has nothing to wait for.
+            if ops:
+                works.extend(dist.batch_isend_irecv(ops))
+        return works
+
+    def _check_stream(self, device: torch.device) -> None:
+        self._stream_checked = True  # a serving loop keeps its stream: check once
+        if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+            self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
+                      "pulls' side stream serializes with it, so compute on that "
+                      "stream waits for every pull; run the model on a non-default "
+                      "stream (docs/integration.md)")
 
     @staticmethod
     def _copy_slot(buffer: torch.Tensor, offset: int, tensors: Sequence[SlotBytes],

@@ -121,6 +121,7 @@ def check_gloo(rank: int, world: int, seed: int) -> dict[str, object]:
     if world == 2:
         _not_shareable(rank, world, device)
         _reallocation(rank, world, device)
+        _prepared_before_changes(rank, world, device)
         _commit_ordering(rank, world, device)
         _hazard_without_agreement(rank, world, device)
         _rearrange_waits_for_pullers(rank, world, device)
@@ -216,6 +217,58 @@ def _reallocation(rank: int, world: int, device: torch.device) -> None:
     engine.share_weights(weights)  # collective re-share
     staged_round(engine, old, new, weights, list(range(LAYERS)))
     assert_weights(weights, make_weights(new, rank, world, device), "after re-sharing")
+
+
+def _prepared_before_changes(rank: int, world: int, device: torch.device) -> None:
+    """prepare() makes the launch ahead, for the weights shared then, and the agreed
+    stage() skips re-validating weights that are still that memory. It must
+    notice whatever changed since: a tensor of the wrong shape (ValueError before
+    anything moves), a reallocation (ready() raises), a re-share (it launches by
+    the new record and moves the right weights)."""
+    old, new, weights, engine = _swap_pulled(rank, world, device)
+    layers = list(range(LAYERS))
+    prepared = engine.prepare(old, new, layers)
+    assert prepared.launch is not None and prepared.launch.shared is engine._shared[-1]
+    checked = []
+    validate = engine.check_weights
+    engine.check_weights = lambda *a, **k: checked.append(1) or validate(*a, **k)  # type: ignore[method-assign]
+    handle = engine.stage(old, new, layers, weights, prepared)  # unchanged: the short path
+    assert checked == [], "stage() re-validated the weights share_weights validated"
+    _poll(handle, "short path")
+    handle.release()
+    dist.barrier()
+
+    good = weights[0][1]
+    weights[0][1] = shared_empty((LOCAL + 1, *good.shape[1:]), good.dtype)
+    with pytest.raises(ValueError, match=r"expert_weights\[0\]\[1\] has first dimension"):
+        engine.stage(old, new, layers, weights, prepared)
+    assert checked, "a changed tensor must take the validating path"
+    weights[0][1] = good
+
+    if rank == 1:  # the same shape, other memory: peers would pull stale bytes
+        moved = shared_empty(tuple(good.shape), good.dtype)
+        moved.copy_(good)
+        weights[0][1] = moved
+    handle = engine.stage(old, new, layers, weights, prepared)
+    if rank == 1:
+        with pytest.raises(RuntimeError, match=r"expert_weights\[0\]\[1\] is not the memory"):
+            _poll(handle, "reallocated after prepare()")
+    else:
+        _poll(handle, "peer reallocated after prepare()")
+    handle.release()
+    dist.barrier()
+
+    fresh = weights_for(old, rank, world, device)
+    engine.share_weights(fresh)  # collective: the launch prepared above is for the old record
+    for layer in weights:  # pulling by that stale record would now fetch zeros
+        for w in layer:
+            w.zero_()
+    dist.barrier()
+    handle = engine.stage(old, new, layers, fresh, prepared)
+    agreed_ready(handle)
+    handle.commit()
+    dist.barrier()
+    assert_weights(fresh, make_weights(new, rank, world, device), "re-shared after prepare()")
 
 
 def _commit_ordering(rank: int, world: int, device: torch.device) -> None:

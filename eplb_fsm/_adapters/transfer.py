@@ -17,12 +17,15 @@ Why it is shaped this way:
   (DESIGN.md: ~110-160 GB/s per rank at 44 MB, ~330 GB/s at 704 MB). The
   pack is a device copy at HBM speed, about a tenth of the NVLink time.
 - **The agreed step only launches.** The schedule (who sends what, in which
-  order, at which offset) is computed by `prepare()` in the runtime's planning
-  thread. `stage()` allocates, packs, launches, then queues the pulls
+  order, at which offset) and the `Launch` (byte layout, each pull's source)
+  are computed by `prepare()` in the runtime's planning thread; for weights
+  that are still the memory `share_weights` validated, `stage()` checks no
+  more than that before its first copy. `stage()` allocates, packs, launches, then queues the pulls
   *behind* the launch so they overlap the network, not delay it. With
   ``pieces > 1`` packing piece k+1 also overlaps sending piece k.
 - **Never block the serving loop.** On GPU the copies and the launch run on a
-  side stream that first waits on the current one, the side stream then waits
+  side stream that first waits on the current one (when it packs live slots;
+  a stage that only pulls has nothing to wait for), the side stream then waits
   on the NCCL work, and an event is recorded; `ready()` only asks
   ``Event.query()`` and ``Work.is_completed()``. On CPU (gloo), copies are
   plain memcpys done at stage time and the sends/receives run on gloo's
@@ -76,7 +79,7 @@ from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nby
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
 
-__all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
+__all__ = ["Launch", "PreparedTransfer", "StagedLayers", "TransferEngine"]
 
 log = logging.getLogger("eplb_fsm")
 _unshared_told = False
@@ -522,14 +525,19 @@ class TransferEngine:
         buffers: list[torch.Tensor] = []
         restore, caller_device = None, None
         if cuda:
-            # The side stream, after the current one. Set directly rather than with
-            # torch.cuda.stream(), and waiting on one reused event rather than a
-            # new one: ~30 us less before the first copy on an H200 host.
+            # The side stream, set directly rather than with torch.cuda.stream(),
+            # and after the current one through one reused event rather than a new
+            # one: ~30 us less before the first copy on an H200 host.
             stream, fence = self._side(device)
             restore = torch.cuda.current_stream(device)
             caller_device = torch.cuda.current_device()
-            fence.record(restore)
-            stream.wait_event(fence)
+            if launch.network:
+                # Packing reads live slots that work queued on the current stream
+                # (a commit) may still be writing. Pulls need no such wait: they
+                # write a fresh buffer and read peers' slots, whose commits the
+                # protocol orders (settled(), docs/transfers.md).
+                fence.record(restore)
+                stream.wait_event(fence)
             torch.cuda.set_stream(stream)  # also makes `device` current
         try:
             if cuda and not self._warm:

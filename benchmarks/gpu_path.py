@@ -4,11 +4,12 @@ Runs the reference EP MoE model (fast mode, bf16 weights) on every visible
 GPU over NCCL, all runs in the same processes, on the same trace:
 
 - ``off``, ``async`` (one layer per transfer), ``async xB`` (``B`` layers per
-  transfer, ``--batch``), ``sync``: forward-pass throughput (tokens/s over
-  forward + step() of the slowest rank) overall and during rebalances, as a
-  ratio to ``off``; balancedness (first, last window); steps per rebalance;
-  ``step()`` idle and busy p50/p99 against a blocking gloo all-reduce of one
-  int per step (what vLLM's async path does while a rebalance is in flight).
+  transfer, ``--batch``), ``sync``, then ``off`` again: forward-pass
+  throughput (tokens/s over forward + step() of the slowest rank) overall and
+  during rebalances, as a ratio to the mean of the two ``off`` runs;
+  balancedness (first, last window); steps per rebalance; ``step()`` idle
+  and busy p50/p99 against a blocking gloo all-reduce of one int per step
+  (what vLLM's async path does while a rebalance is in flight).
 - Transfer bandwidth inside the serving loop, per rebalance batch and rank:
   the bytes this rank receives over the time of the NCCL batch, from the
   launch (inside ``step()``) to its completion, on the GPU clock (CUDA events
@@ -520,6 +521,9 @@ def main() -> None:
         batched: dataclasses.replace(base, mode="async",
                                      extra={**base.extra, "layers_per_transfer": args.batch}),
         "sync": dataclasses.replace(base, mode="sync"),
+        # `off` again, last: the reference is the mean of both, and their ratio
+        # shows how far the host drifted over the runs (up to 15% on lent H200s).
+        "off, again": dataclasses.replace(base, mode="off"),
         "probe": dataclasses.replace(base, mode="off"),
     }
     per_rank = run_ranks(_rank, args.gpus, runs, "probe", 100 if args.dry_run else 500,
@@ -540,15 +544,17 @@ def main() -> None:
     print("throughput = tokens / (forward + step()) of the slowest rank; 'busy' = passes "
           "while a rebalance is in flight; balancedness = mean/max per-rank load per layer, "
           "averaged over layers, actual per pass")
-    off = rows["off"]["tok_s"]
-    head = (f"{'mode':>9} {'tok/s':>10} {'vs off':>7} {'busy tok/s':>11} {'busy vs off':>11} "
+    off = (rows["off"]["tok_s"] + rows["off, again"]["tok_s"]) / 2
+    print(f"'vs off' = against the mean of both off runs; off, again / off = "
+          f"{rows['off, again']['tok_s'] / rows['off']['tok_s']:.3f} (host drift)")
+    head = (f"{'mode':>10} {'tok/s':>10} {'vs off':>7} {'busy tok/s':>11} {'busy vs off':>11} "
             f"{'bal first':>9} {'bal last':>8} {'reb':>4} {'steps/reb':>9} "
             f"{'step idle p50/p99 us':>21} {'step busy p50/p99 us':>21} {'max ms':>7} "
             f"{'same hist':>9}")
     print(head)
     print("-" * len(head))
     for mode, r in rows.items():
-        print(f"{mode:>9} {r['tok_s']:>10.0f} {r['tok_s'] / off:>7.3f} "
+        print(f"{mode:>10} {r['tok_s']:>10.0f} {r['tok_s'] / off:>7.3f} "
               f"{r['tok_s_busy']:>11.0f} {r['tok_s_busy'] / off:>11.3f} "
               f"{r['bal_first']:>9.4f} {r['bal_last']:>8.4f} {r['rebalances']:>4} "
               f"{r['steps_per_rebalance']:>9.1f} "

@@ -1,7 +1,8 @@
 """The serving loop on GPUs: async vs sync vs off, step() cost, transfer bandwidth.
 
 Runs the reference EP MoE model (fast mode, bf16 weights) on every visible
-GPU over NCCL, all runs in the same processes, on the same trace:
+GPU over NCCL, all runs in the same processes, on the same trace, after
+one unreported ``async`` run that warms the processes up:
 
 - ``off``, ``async`` (one layer per transfer), ``async xB`` (``B`` layers per
   transfer, ``--batch``), ``sync``, then ``off`` again: forward-pass
@@ -396,7 +397,7 @@ def _rank(rank: int, world: int, runs: dict[str, SimulateOptions], probe: str,
         flag = torch.ones(1, dtype=torch.int64)
         dist.all_reduce(flag, group=cpu)  # blocking: vLLM's in-flight step
         baseline.append((time.perf_counter() - start) * 1e6)
-    transfers = [t for r in results.values() for t in r["transfers"]]
+    transfers = [t for name, r in results.items() if name != "warm-up" for t in r["transfers"]]
     for t, bound in zip(transfers, _plain_bound_ms(transfers, device), strict=True):
         t["bound_ms"] = bound
     return {"runs": results, "baseline_us": baseline}
@@ -516,6 +517,10 @@ def main() -> None:
         extra={"transfer_path": args.transfer_path})
     batched = f"async x{args.batch}"
     runs = {
+        # Not reported: the first runs of a fresh process ran ~10% slower than the
+        # last ones (cuBLAS, allocator, clocks warming up), which read as a loss
+        # of whatever mode ran early.
+        "warm-up": dataclasses.replace(base, mode="async"),
         "off": dataclasses.replace(base, mode="off"),
         "async": dataclasses.replace(base, mode="async"),
         batched: dataclasses.replace(base, mode="async",
@@ -529,7 +534,7 @@ def main() -> None:
     per_rank = run_ranks(_rank, args.gpus, runs, "probe", 100 if args.dry_run else 500,
                          backend=backend, timeout=1800)
     rows = {name: _summary([r["runs"][name] for r in per_rank], opts)
-            for name, opts in runs.items() if name != "probe"}
+            for name, opts in runs.items() if name not in ("probe", "warm-up")}
     card = f"CPU (dry run, gloo: {cpu_line()})" if args.dry_run \
         else torch.cuda.get_device_name(0)
     nccl = "" if args.dry_run else ".".join(map(str, torch.cuda.nccl.version()))

@@ -517,9 +517,8 @@ def main() -> None:
         extra={"transfer_path": args.transfer_path})
     batched = f"async x{args.batch}"
     runs = {
-        # Not reported: the first runs of a fresh process ran ~10% slower than the
-        # last ones (cuBLAS, allocator, clocks warming up), which read as a loss
-        # of whatever mode ran early.
+        # Not reported: takes the first-use costs (cuBLAS, allocator, NCCL and
+        # IPC set-up) out of the measured runs.
         "warm-up": dataclasses.replace(base, mode="async"),
         "off": dataclasses.replace(base, mode="off"),
         "async": dataclasses.replace(base, mode="async"),
@@ -527,7 +526,8 @@ def main() -> None:
                                      extra={**base.extra, "layers_per_transfer": args.batch}),
         "sync": dataclasses.replace(base, mode="sync"),
         # `off` again, last: the reference is the mean of both, and their ratio
-        # shows how far the host drifted over the runs (up to 15% on lent H200s).
+        # shows how far the host drifted over the runs: 0.92 to 1.11 on the lent
+        # 2 x H200 hosts, either way, so a few % between modes is noise there.
         "off, again": dataclasses.replace(base, mode="off"),
         "probe": dataclasses.replace(base, mode="off"),
     }

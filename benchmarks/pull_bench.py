@@ -57,6 +57,7 @@ from transfer_bench import (
     card_name,
     check_markers,
     choose_world,
+    gpu_setup,
     make_weights,
     rank_case,
     reduce_value,
@@ -128,6 +129,21 @@ class GemmStream:
         if window is not None:
             pairs = [(a, b) for a, b in pairs if a >= window[0] and b <= window[1]]
         return [b - a for a, b in pairs]
+
+
+def profiling_case(rank: int, world: int) -> tuple[torch.device, np.ndarray, np.ndarray,
+                                                   list[list[torch.Tensor]], TransferEngine,
+                                                   GemmStream, float]:
+    """What the GPU diagnostics (pull_profile.py, stage_timeline.py) start from:
+    `gpu_setup`'s case, a pull engine that has shared the weights (a
+    collective), and a warmed-up GEMM stream with one GEMM's seconds alone."""
+    device, old, new, weights = gpu_setup(rank, world)
+    engine = TransferEngine(path="pull")
+    engine.share_weights(weights)
+    gemm = GemmStream(device, 8192)
+    gemm.start(20)
+    alone = statistics.median(gemm.durations()[1:])
+    return device, old, new, weights, engine, gemm, alone
 
 
 def _transfers(engine: TransferEngine, old: np.ndarray, new: np.ndarray, layers: list[int],

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transfer_bench as tb
-from pull_bench import GemmStream
+from pull_bench import GemmStream, profiling_case
 
 from eplb_fsm._adapters.pull import export, open_handle
 from eplb_fsm._adapters.staged import slot_nbytes, typed_view
@@ -247,12 +247,7 @@ def _profile(count: int, rank: int, world: int, engine: TransferEngine,
 
 
 def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
-    device, old, new, weights = tb.gpu_setup(rank, world)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
-    gemm = GemmStream(device, 8192)
-    gemm.start(20)
-    alone = statistics.median(gemm.durations()[1:])
+    device, old, new, weights, engine, gemm, alone = profiling_case(rank, world)
     # A buffer every peer maps: the source of "one copy per peer" and "bound".
     big = torch.empty(4 * 2**30, dtype=torch.uint8, device=device)
     handles: list[Any] = [None] * world

@@ -41,8 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import transfer_bench as tb
-from pull_bench import GemmStream
+from pull_bench import profiling_case
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
@@ -119,12 +118,7 @@ def _unprofiled(engine: TransferEngine, old: Any, new: Any, layers: list[int],
 
 
 def rank_fn(rank: int, world: int, args: dict[str, Any]) -> dict[str, Any]:
-    device, old, new, weights = tb.gpu_setup(rank, world)
-    engine = TransferEngine(path="pull")
-    engine.share_weights(weights)
-    gemm = GemmStream(device, 8192)
-    gemm.start(20)
-    alone = statistics.median(gemm.durations()[1:])
+    device, old, new, weights, engine, gemm, alone = profiling_case(rank, world)
     repeats = args["repeats"]
     table, listing = [], []
     for count in (1, 4):

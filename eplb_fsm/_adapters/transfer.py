@@ -20,9 +20,10 @@ Why it is shaped this way:
   order, at which offset) and the `Launch` (byte layout, each pull's source)
   are computed by `prepare()` in the runtime's planning thread; for weights
   that are still the memory `share_weights` validated, `stage()` checks no
-  more than that before its first copy. `stage()` allocates, packs, launches, then queues the pulls
-  *behind* the launch so they overlap the network, not delay it. With
-  ``pieces > 1`` packing piece k+1 also overlaps sending piece k.
+  more than that before its first copy. `stage()` allocates, packs,
+  launches, then queues the pulls *behind* the launch so they overlap the
+  network, not delay it. With ``pieces > 1`` packing piece k+1 also overlaps
+  sending piece k.
 - **Never block the serving loop.** On GPU the copies and the launch run on a
   side stream that first waits on the current one (when it packs live slots;
   a stage that only pulls has nothing to wait for), the side stream then waits

@@ -61,8 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -71,8 +70,9 @@ import torch
 import torch.distributed as dist
 
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
-from .._core.transfer_plan import TransferPlan, check_maps, plan_layers
+from .._core.transfer_plan import check_maps, plan_layers
 from .._core.transfer_schedule import Layout, RankSchedule, aligned, expert_stride, schedule
+from .prepared import Launch, PreparedTransfer, make_launch
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
 from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
@@ -80,7 +80,7 @@ from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nby
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
 
-__all__ = ["Launch", "PreparedTransfer", "StagedLayers", "TransferEngine"]
+__all__ = ["PreparedTransfer", "StagedLayers", "TransferEngine"]
 
 log = logging.getLogger("eplb_fsm")
 _unshared_told = False
@@ -91,46 +91,6 @@ def _tell_unshared() -> None:
     _unshared_told = True
     log.info("transfer_path='auto': expert weights were not shared "
              "(TransferEngine.share_weights), so every pair uses send/recv")
-
-
-@dataclass(frozen=True)
-class Launch:
-    """What `stage()` needs beyond the schedule, for one set of per-layer slot
-    bytes and one sharing record: the byte layout, each pull as (peer tensor,
-    slot, staging offset), and the bytes this rank receives.
-
-    Why a separate object: `prepare()` makes it in the planning thread whenever
-    it already knows the weights' sizes and the agreed channels, so the
-    agreed staging step only checks that the weights are still the memory
-    shared and launches. On the H200 hosts every microsecond of Python
-    before the first copy delays the whole transfer (benchmarks/stage_timeline.py).
-    """
-
-    nbytes: Mapping[int, tuple[int, ...]]  # layer -> one slot's bytes, per tensor
-    shared: SharedWeights | None
-    layout: Layout
-    pulls: tuple[tuple[SlotBytes, int, int], ...]
-    received: int
-
-    @property
-    def network(self) -> bool:
-        """Whether this rank sends or receives any message (else it only pulls)."""
-        return bool(self.layout.send_bytes) or any(self.layout.recv_spans)
-
-
-@dataclass(frozen=True)
-class PreparedTransfer:
-    """What `TransferEngine.prepare` returns: the plan, this rank's schedule, the
-    maps' shape, and the `Launch` when prepare() could make it."""
-
-    plan: TransferPlan
-    schedule: RankSchedule
-    maps_shape: tuple[int, int] = (0, 0)
-    launch: Launch | None = None
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self.plan.layers
 
 
 class TransferEngine:
@@ -217,8 +177,8 @@ class TransferEngine:
             shared = self._shared[-1] if self._shared else None
             if shared is not None and maps_shape[1] != shared.num_local * self.world_size:
                 shared = None  # not the weights shared: stage() checks and says why
-            launch = self._make_launch(sched, {layer: known[layer] for layer in sched.layers},
-                                       shared)
+            launch = make_launch(sched, {layer: known[layer] for layer in sched.layers}, shared,
+                                 self._pieces)
         return PreparedTransfer(plan, sched, (int(maps_shape[0]), int(maps_shape[1])), launch)
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
@@ -258,7 +218,7 @@ class TransferEngine:
                       for layer in prepared.layers}
             self._nbytes.update(nbytes)
             if launch is None or launch.shared is not shared or launch.nbytes != nbytes:
-                launch = self._make_launch(prepared.schedule, nbytes, shared)
+                launch = make_launch(prepared.schedule, nbytes, shared, self._pieces)
         self._prune()
         with torch.no_grad():
             return self._launch(prepared.schedule, expert_weights, device, launch, problem)
@@ -497,23 +457,6 @@ class TransferEngine:
     def _prune(self) -> None:
         if self._draining:
             self._draining = [f for f in self._draining if not f.done()]
-
-    def _make_launch(self, sched: RankSchedule, nbytes: Mapping[int, tuple[int, ...]],
-                     shared: SharedWeights | None) -> Launch:
-        strides = {layer: expert_stride(sizes) for layer, sizes in nbytes.items()}
-        channels = shared.channels if shared is not None else None
-        pieces = (sched.auto_pieces(strides, channels)
-                  if self._pieces == "auto" else self._pieces)
-        layout = sched.layout(strides, pieces, channels)
-        pulls = []
-        for offset, src, layer, slot in layout.pulls:
-            assert shared is not None  # the layout routes pulls only by shared channels
-            for tensor in shared.peer_slots[src][layer]:
-                pulls.append((tensor, slot, offset))
-                offset += aligned(tensor.nbytes)
-        received = sum(sched.received_counts[layer] * sum(sizes)
-                       for layer, sizes in nbytes.items())
-        return Launch(nbytes, shared, layout, tuple(pulls), received)
 
     def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
                 launch: Launch, problem: str) -> StagedLayers:

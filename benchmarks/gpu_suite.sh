@@ -31,7 +31,7 @@ for n in 2 4; do
     | tee "$out/gpu_path_$n.txt" | tail -40
 done
 echo "== gpu_path on $gpus GPUs with transfer_path=auto (same-node pulls)"
-timeout 400 python3 benchmarks/gpu_path.py --gpus "$gpus" --transfer-path auto 2>&1 \
+timeout 540 python3 benchmarks/gpu_path.py --gpus "$gpus" --transfer-path auto 2>&1 \
   | grep -v -e Warning -e "legacy default" | tee "$out/gpu_path_pull_$gpus.txt" | tail -12
 echo "== simulate under torchrun, NCCL, $gpus GPUs, exact arithmetic (invariance check)"
 timeout 240 torchrun --nproc-per-node "$gpus" -m eplb_fsm simulate --steps 120 --tokens 256 \

@@ -255,12 +255,15 @@ class SharedWeights:
     fingerprints: list[list[tuple[Any, ...]]] = field(repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     num_local: int = 0  # slots per rank: every weight's first dimension, as validated
-    # The mapped peers' tensors as byte rows, made once here, not per stage.
+    # The mapped peers' tensors and this rank's own as byte rows, made once here,
+    # not per stage or commit (each select costs the serving thread a few us).
     peer_slots: dict[int, list[list[SlotBytes]]] = field(init=False, repr=False)
+    own_slots: list[list[SlotBytes]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.peer_slots = {src: [[SlotBytes(w, per_slot=True) for w in layer] for layer in layers]
                            for src, layers in self.peers.items()}
+        self.own_slots = [[SlotBytes(w, per_slot=True) for w in layer] for layer in self.weights]
 
     def matches(self, weights: Sequence[Sequence[torch.Tensor]]) -> bool:
         """Whether `weights` are the tensors shared (same objects or same memory)."""

@@ -18,8 +18,8 @@ import torch
 from .._core.transfer_plan import TransferPlan
 from .._core.transfer_schedule import RankSchedule, aligned
 
-__all__ = ["InFlight", "SlotBytes", "StagedLayers", "Waiter", "Weights", "slot_nbytes",
-           "typed_view"]
+__all__ = ["InFlight", "SlotBytes", "StagedLayers", "Waiter", "Weights", "current_slots",
+           "slot_nbytes", "typed_view"]
 
 Weights = Sequence[Sequence[torch.Tensor]]
 
@@ -49,12 +49,14 @@ class SlotBytes:
     and one select per copy. Non-contiguous weights keep the typed views.
     """
 
-    __slots__ = ("nbytes", "rows", "slot_rows", "weight")
+    __slots__ = ("data_ptr", "nbytes", "rows", "slot_rows", "weight")
 
     def __init__(self, weight: torch.Tensor, per_slot: bool = False) -> None:
-        """`per_slot`: also keep one view per slot (for tensors read many times,
-        like a peer's mapped weights, so a copy costs no select)."""
+        """`per_slot`: also keep one view per slot (for tensors copied many times,
+        like a peer's mapped weights or a rank's own shared ones, so a copy
+        costs no select)."""
         self.weight = weight
+        self.data_ptr = weight.data_ptr()  # to tell a stale cached view (`current_slots`)
         self.nbytes = slot_nbytes(weight)
         self.rows: torch.Tensor | None = None
         self.slot_rows: list[torch.Tensor] | None = None
@@ -74,16 +76,32 @@ class SlotBytes:
 
     def from_buffer(self, buffer: torch.Tensor, offset: int, slot: int) -> None:
         """Queue a copy of `buffer`'s bytes at `offset` into `slot`."""
-        if self.rows is not None:
-            self.rows[slot].copy_(buffer[offset:offset + self.nbytes], non_blocking=True)
-        else:
+        if self.rows is None:
             self.weight[slot].copy_(typed_view(buffer, offset, self.nbytes, self.weight),
                                     non_blocking=True)
+            return
+        row = self.slot_rows[slot] if self.slot_rows is not None else self.rows[slot]
+        row.copy_(buffer[offset:offset + self.nbytes], non_blocking=True)
 
     def move(self, dst: int, src: int) -> None:
         """Queue a copy of slot `src` into slot `dst` of the same tensor."""
-        rows = self.rows if self.rows is not None else self.weight
+        rows: Sequence[torch.Tensor] | torch.Tensor = (
+            self.slot_rows if self.slot_rows is not None
+            else self.rows if self.rows is not None else self.weight)
         rows[dst].copy_(rows[src], non_blocking=True)
+
+
+def current_slots(weights: Sequence[torch.Tensor],
+                  cached: Sequence[SlotBytes] | None) -> Sequence[SlotBytes]:
+    """`cached` (views made once, at `share_weights`) while every one still views
+    the tensor at that place of `weights`, in the same memory; otherwise views
+    made now. A cached view of replaced or reallocated memory would write where
+    the model no longer reads."""
+    if cached is not None and len(cached) == len(weights) and all(
+            c.weight is w and c.data_ptr == w.data_ptr()
+            for c, w in zip(cached, weights, strict=True)):
+        return cached
+    return [SlotBytes(w) for w in weights]
 
 
 class Waiter:
@@ -178,7 +196,8 @@ class StagedLayers:
                  offsets: Mapping[tuple[int, int], int],
                  temp: int, bytes_received: int, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
-                 note_commit: Callable[[torch.cuda.Event], None] | None = None) -> None:
+                 note_commit: Callable[[torch.cuda.Event], None] | None = None,
+                 own: Sequence[Sequence[SlotBytes]] | None = None) -> None:
         self._sched = sched
         self._weights = expert_weights
         self._device = device
@@ -190,6 +209,7 @@ class StagedLayers:
         self._keep_until_done = keep_until_done
         self._pulls = pulls
         self._note_commit = note_commit
+        self._own = own  # this rank's weights as byte rows, by layer, if cached
         self._committed: set[int] = set()
         self._released = False
         self._completed = False
@@ -327,7 +347,9 @@ class StagedLayers:
     def _commit_layer(self, layer: int, staging: torch.Tensor) -> None:
         """Run `layer`'s commit steps in order (`_core.commit_order`): moves between
         live slots, the temp row for cycles, fills from staged rows."""
-        tensors = [SlotBytes(w) for w in self._weights[layer]]
+        own = self._own
+        tensors = current_slots(self._weights[layer],
+                                own[layer] if own is not None and layer < len(own) else None)
         for step in self._sched.steps_of(layer):
             if step.kind == "move":
                 for t in tensors:

@@ -75,7 +75,15 @@ from .._core.transfer_schedule import Layout, RankSchedule, aligned, expert_stri
 from .prepared import Launch, PreparedTransfer, make_launch
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
-from .staged import InFlight, SlotBytes, StagedLayers, Waiter, Weights, slot_nbytes
+from .staged import (
+    InFlight,
+    SlotBytes,
+    StagedLayers,
+    Waiter,
+    Weights,
+    current_slots,
+    slot_nbytes,
+)
 
 if TYPE_CHECKING:
     from .interfaces import StagedTransfer, WeightMover
@@ -488,7 +496,8 @@ class TransferEngine:
                 self.warm_up(device)
             staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
             if launch.network:
-                works = self._send_and_receive(layout, expert_weights, staging, buffers)
+                works = self._send_and_receive(layout, expert_weights, launch.shared, staging,
+                                               buffers)
             # Behind the launch, so the copy engines' reads of peers' memory
             # overlap the network.
             for tensor, slot, offset in launch.pulls:
@@ -516,13 +525,17 @@ class TransferEngine:
                             layout.staging, layout.temp, launch.received,
                             self._keep_until_done,
                             pulls=bool(channels is not None and channels.pulls),
-                            note_commit=self._commits.append)
+                            note_commit=self._commits.append,
+                            own=launch.shared.own_slots if launch.shared is not None else None)
 
     def _send_and_receive(self, layout: Layout, expert_weights: Weights,
-                          staging: torch.Tensor, buffers: list[torch.Tensor]) -> list[Any]:
+                          shared: SharedWeights | None, staging: torch.Tensor,
+                          buffers: list[torch.Tensor]) -> list[Any]:
         """Pack and launch this rank's messages, piece by piece; returns the works.
         The send buffer goes into `buffers` (kept alive until the sends are done)."""
-        mine = {layer: [SlotBytes(w) for w in expert_weights[layer]]
+        own = shared.own_slots if shared is not None else None
+        mine = {layer: current_slots(expert_weights[layer],
+                                     own[layer] if own is not None and layer < len(own) else None)
                 for layer in {layer for _, layer, _ in layout.packed}}
         packed = staging[:0]
         if layout.send_bytes:

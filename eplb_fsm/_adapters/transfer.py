@@ -182,9 +182,12 @@ class TransferEngine:
         known = self._nbytes
         launch = None
         if all(layer in known for layer in sched.layers):
-            shared = self._shared[-1] if self._shared else None
-            if shared is not None and maps_shape[1] != shared.num_local * self.world_size:
-                shared = None  # not the weights shared: stage() checks and says why
+            # The weights these maps are for: the latest shared ones of their shape
+            # (a server may share a main and a draft model with one engine). None
+            # if no shared weights fit: stage() then checks and says why.
+            shared = next((s for s in reversed(self._shared)
+                           if (len(s.fingerprints), s.num_local * self.world_size)
+                           == maps_shape), None)
             launch = make_launch(sched, {layer: known[layer] for layer in sched.layers}, shared,
                                  self._pieces)
         return PreparedTransfer(plan, sched, (int(maps_shape[0]), int(maps_shape[1])), launch)
@@ -207,15 +210,15 @@ class TransferEngine:
                              f"{tuple(layers)}")
         launch = prepared.launch
         shared = launch.shared if launch is not None else None
-        if (shared is not None and expert_weights is shared.weights and self._shared
-                and self._shared[-1] is shared
+        if (shared is not None and any(s is shared for s in self._shared)
                 and np.shape(old_physical_to_logical) == prepared.maps_shape
                 and len(expert_weights) == prepared.maps_shape[0]
                 and shared.reallocated(expert_weights, prepared.layers) is None):
             # The common case, kept short because it delays the first copy: the
-            # weights are the memory shared, so their shapes, dtypes and device
-            # are the ones check_weights passed then, and prepare() made the
-            # launch for them (its maps matched the shared weights' shape).
+            # staged layers' tensors are the memory shared under a record still
+            # current, so their shapes, dtypes and device are the ones
+            # check_weights passed then, and prepare() made the launch for them
+            # (its maps matched those weights' shape).
             assert launch is not None
             device, problem = shared.device, ""
         else:

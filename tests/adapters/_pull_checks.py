@@ -122,6 +122,7 @@ def check_gloo(rank: int, world: int, seed: int) -> dict[str, object]:
         _not_shareable(rank, world, device)
         _reallocation(rank, world, device)
         _prepared_before_changes(rank, world, device)
+        _two_models_one_engine(rank, world, device)
         _commit_ordering(rank, world, device)
         _hazard_without_agreement(rank, world, device)
         _rearrange_waits_for_pullers(rank, world, device)
@@ -269,6 +270,32 @@ def _prepared_before_changes(rank: int, world: int, device: torch.device) -> Non
     handle.commit()
     dist.barrier()
     assert_weights(fresh, make_weights(new, rank, world, device), "re-shared after prepare()")
+
+
+def _two_models_one_engine(rank: int, world: int, device: torch.device) -> None:
+    """One engine, two shared models of different shapes (a main and a draft model,
+    as a speculative-decoding server has): prepare() finds each model's own
+    sharing record by the maps' shape, so both take the short path, and each
+    ends with its own right weights."""
+    rng = np.random.default_rng(7)
+    old, new = random_p2l(rng, world), random_p2l(rng, world)
+    models = [(old, new), (old[:2], new[:2])]
+    weights = [weights_for(o, rank, world, device) for o, _ in models]
+    engine = TransferEngine(path="pull")
+    for w in weights:
+        engine.share_weights(w)
+    checked = []
+    validate = engine.check_weights
+    engine.check_weights = lambda *a, **k: checked.append(1) or validate(*a, **k)  # type: ignore[method-assign]
+    for (o, n), w in zip(models, weights, strict=True):
+        layers = list(range(o.shape[0]))
+        handle = engine.stage(o, n, layers, w, engine.prepare(o, n, layers))
+        agreed_ready(handle)
+        handle.commit()
+        dist.barrier()
+        assert_weights(w, make_weights(after(o, n), rank, world, device),
+                       f"model of {o.shape[0]} layers")
+    assert checked == [], "a model other than the last shared took the validating path"
 
 
 def _commit_ordering(rank: int, world: int, device: torch.device) -> None:

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -155,8 +155,9 @@ class TransferEngine:
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
-        # layer -> one slot's bytes per tensor, as last staged or shared: written
-        # by the serving thread, read by prepare() in the planning thread.
+        # layer -> one slot's bytes per tensor, as last staged: written by the
+        # serving thread, read by prepare() in the planning thread when no
+        # shared weights fit its maps (several models may share one engine).
         self._nbytes: dict[int, tuple[int, ...]] = {}
 
     # -- the WeightMover protocol ----------------------------------------------------------
@@ -176,18 +177,18 @@ class TransferEngine:
                            layers, node_size=self._node_size)  # validates the maps
         sched = schedule(plan, self.rank)
         maps_shape = tuple(np.shape(old_physical_to_logical))
-        # The byte layout needs the weights' sizes, which only stage() sees; the
-        # model's sizes do not change, so lay out with the last ones seen here,
-        # and stage() uses this launch if they still hold (or makes another).
-        known = self._nbytes
+        # The byte layout needs the weights' sizes, which only stage() sees. Lay
+        # out for the weights these maps are for: the latest shared ones of their
+        # shape (a server may share a main and a draft model with one engine),
+        # with their sizes; else with the sizes last staged. stage() uses this
+        # launch if it still holds (or makes another).
+        shared = next((s for s in reversed(self._shared)
+                       if (len(s.fingerprints), s.num_local * self.world_size) == maps_shape),
+                      None)
+        known: Mapping[int, tuple[int, ...]] = (
+            dict(enumerate(shared.nbytes)) if shared is not None else self._nbytes)
         launch = None
         if all(layer in known for layer in sched.layers):
-            # The weights these maps are for: the latest shared ones of their shape
-            # (a server may share a main and a draft model with one engine). None
-            # if no shared weights fit: stage() then checks and says why.
-            shared = next((s for s in reversed(self._shared)
-                           if (len(s.fingerprints), s.num_local * self.world_size)
-                           == maps_shape), None)
             launch = make_launch(sched, {layer: known[layer] for layer in sched.layers}, shared,
                                  self._pieces)
         return PreparedTransfer(plan, sched, (int(maps_shape[0]), int(maps_shape[1])), launch)
@@ -255,8 +256,6 @@ class TransferEngine:
                                     (len(expert_weights), num_local * self.world_size))
         group = self._cpu_group if self._cpu_group is not None else self._group
         shared = _share_weights(expert_weights, group, self.path, device, self._node_size)
-        self._nbytes.update({layer: tuple(map(slot_nbytes, tensors))
-                             for layer, tensors in enumerate(expert_weights)})
         # One record per set of weights: a re-share replaces the old one.
         self._shared = [s for s in self._shared if not s.matches(expert_weights)
                         and s.weights is not expert_weights] + [shared]

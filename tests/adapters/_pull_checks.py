@@ -274,26 +274,31 @@ def _prepared_before_changes(rank: int, world: int, device: torch.device) -> Non
 
 def _two_models_one_engine(rank: int, world: int, device: torch.device) -> None:
     """One engine, two shared models of different shapes (a main and a draft model,
-    as a speculative-decoding server has): prepare() finds each model's own
-    sharing record by the maps' shape, so both take the short path, and each
-    ends with its own right weights."""
+    as a speculative-decoding server has; the draft has fewer layers and other
+    tensors, so other slot sizes): prepare() finds each model's own sharing
+    record by the maps' shape and lays out with its sizes, so both take the
+    short path, and each ends with its own right weights."""
     rng = np.random.default_rng(7)
     old, new = random_p2l(rng, world), random_p2l(rng, world)
-    models = [(old, new), (old[:2], new[:2])]
-    weights = [weights_for(o, rank, world, device) for o, _ in models]
+
+    def draft(weights: Weights) -> Weights:
+        return [layer[1:3] for layer in weights]
+
+    models = [(old, new, lambda w: w), (old[:2], new[:2], draft)]
+    weights = [pick(weights_for(o, rank, world, device)) for o, _, pick in models]
     engine = TransferEngine(path="pull")
     for w in weights:
         engine.share_weights(w)
     checked = []
     validate = engine.check_weights
     engine.check_weights = lambda *a, **k: checked.append(1) or validate(*a, **k)  # type: ignore[method-assign]
-    for (o, n), w in zip(models, weights, strict=True):
+    for (o, n, pick), w in zip(models, weights, strict=True):
         layers = list(range(o.shape[0]))
         handle = engine.stage(o, n, layers, w, engine.prepare(o, n, layers))
         agreed_ready(handle)
         handle.commit()
         dist.barrier()
-        assert_weights(w, make_weights(after(o, n), rank, world, device),
+        assert_weights(w, pick(make_weights(after(o, n), rank, world, device)),
                        f"model of {o.shape[0]} layers")
     assert checked == [], "a model other than the last shared took the validating path"
 

@@ -259,13 +259,11 @@ class SharedWeights:
     # not per stage or commit (each select costs the serving thread a few us).
     peer_slots: dict[int, list[list[SlotBytes]]] = field(init=False, repr=False)
     own_slots: list[list[SlotBytes]] = field(init=False, repr=False)
-    nbytes: list[tuple[int, ...]] = field(init=False, repr=False)  # [layer] one slot, per tensor
 
     def __post_init__(self) -> None:
         self.peer_slots = {src: [[SlotBytes(w, per_slot=True) for w in layer] for layer in layers]
                            for src, layers in self.peers.items()}
         self.own_slots = [[SlotBytes(w, per_slot=True) for w in layer] for layer in self.weights]
-        self.nbytes = [tuple(t.nbytes for t in layer) for layer in self.own_slots]
 
     def matches(self, weights: Sequence[Sequence[torch.Tensor]]) -> bool:
         """Whether `weights` are the tensors shared (same objects or same memory)."""

@@ -71,8 +71,7 @@ class SlotBytes:
             typed_view(buffer, offset, self.nbytes, self.weight).copy_(self.weight[slot],
                                                                       non_blocking=True)
             return
-        row = self.slot_rows[slot] if self.slot_rows is not None else self.rows[slot]
-        buffer[offset:offset + self.nbytes].copy_(row, non_blocking=True)
+        buffer[offset:offset + self.nbytes].copy_(self._row(slot), non_blocking=True)
 
     def from_buffer(self, buffer: torch.Tensor, offset: int, slot: int) -> None:
         """Queue a copy of `buffer`'s bytes at `offset` into `slot`."""
@@ -80,28 +79,34 @@ class SlotBytes:
             self.weight[slot].copy_(typed_view(buffer, offset, self.nbytes, self.weight),
                                     non_blocking=True)
             return
-        row = self.slot_rows[slot] if self.slot_rows is not None else self.rows[slot]
-        row.copy_(buffer[offset:offset + self.nbytes], non_blocking=True)
+        self._row(slot).copy_(buffer[offset:offset + self.nbytes], non_blocking=True)
 
     def move(self, dst: int, src: int) -> None:
         """Queue a copy of slot `src` into slot `dst` of the same tensor."""
-        rows: Sequence[torch.Tensor] | torch.Tensor = (
-            self.slot_rows if self.slot_rows is not None
-            else self.rows if self.rows is not None else self.weight)
-        rows[dst].copy_(rows[src], non_blocking=True)
+        if self.rows is None:
+            self.weight[dst].copy_(self.weight[src], non_blocking=True)
+            return
+        self._row(dst).copy_(self._row(src), non_blocking=True)
+
+    def _row(self, slot: int) -> torch.Tensor:
+        """The bytes of `slot` (contiguous weights only)."""
+        assert self.rows is not None
+        return self.slot_rows[slot] if self.slot_rows is not None else self.rows[slot]
 
 
-def current_slots(weights: Sequence[torch.Tensor],
-                  cached: Sequence[SlotBytes] | None) -> Sequence[SlotBytes]:
-    """`cached` (views made once, at `share_weights`) while every one still views
-    the tensor at that place of `weights`, in the same memory; otherwise views
-    made now. A cached view of replaced or reallocated memory would write where
-    the model no longer reads."""
-    if cached is not None and len(cached) == len(weights) and all(
+def current_slots(weights: Weights, layer: int,
+                  cached: Sequence[Sequence[SlotBytes]] | None) -> Sequence[SlotBytes]:
+    """`weights[layer]` as `SlotBytes`: the ones `cached` (by layer, made once at
+    `share_weights`) holds while every one still views the tensor at that place,
+    in the same memory; otherwise views made now. A cached view of replaced or
+    reallocated memory would write where the model no longer reads."""
+    tensors = weights[layer]
+    held = cached[layer] if cached is not None and layer < len(cached) else None
+    if held is not None and len(held) == len(tensors) and all(
             c.weight is w and c.data_ptr == w.data_ptr()
-            for c, w in zip(cached, weights, strict=True)):
-        return cached
-    return [SlotBytes(w) for w in weights]
+            for c, w in zip(held, tensors, strict=True)):
+        return held
+    return [SlotBytes(w) for w in tensors]
 
 
 class Waiter:
@@ -347,9 +352,7 @@ class StagedLayers:
     def _commit_layer(self, layer: int, staging: torch.Tensor) -> None:
         """Run `layer`'s commit steps in order (`_core.commit_order`): moves between
         live slots, the temp row for cycles, fills from staged rows."""
-        own = self._own
-        tensors = current_slots(self._weights[layer],
-                                own[layer] if own is not None and layer < len(own) else None)
+        tensors = current_slots(self._weights, layer, self._own)
         for step in self._sched.steps_of(layer):
             if step.kind == "move":
                 for t in tensors:

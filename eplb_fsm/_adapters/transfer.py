@@ -176,7 +176,8 @@ class TransferEngine:
         plan = plan_layers(old_physical_to_logical, new_physical_to_logical, self.world_size,
                            layers, node_size=self._node_size)  # validates the maps
         sched = schedule(plan, self.rank)
-        maps_shape = tuple(np.shape(old_physical_to_logical))
+        rows, cols = np.shape(old_physical_to_logical)  # 2-D: plan_layers checked
+        maps_shape = (int(rows), int(cols))
         # The byte layout needs the weights' sizes, which only stage() sees. Lay
         # out for the weights these maps are for: the latest shared ones of their
         # shape (a server may share a main and a draft model with one engine),
@@ -186,12 +187,13 @@ class TransferEngine:
                        if (len(s.fingerprints), s.num_local * self.world_size) == maps_shape),
                       None)
         known: Mapping[int, tuple[int, ...]] = (
-            dict(enumerate(shared.nbytes)) if shared is not None else self._nbytes)
+            {layer: tuple(t.nbytes for t in shared.own_slots[layer]) for layer in sched.layers}
+            if shared is not None else self._nbytes)
         launch = None
         if all(layer in known for layer in sched.layers):
             launch = make_launch(sched, {layer: known[layer] for layer in sched.layers}, shared,
                                  self._pieces)
-        return PreparedTransfer(plan, sched, (int(maps_shape[0]), int(maps_shape[1])), launch)
+        return PreparedTransfer(plan, sched, maps_shape, launch)
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
@@ -522,13 +524,13 @@ class TransferEngine:
                 "share_weights() (reallocated?), so peers pulled stale weights from it; "
                 "call share_weights() on every rank again")
         inflight = InFlight(works, event, buffers, self._waiter, error)
-        channels = launch.shared.channels if launch.shared is not None else None
+        shared = launch.shared
         return StagedLayers(sched, expert_weights, device, inflight, staging,
                             layout.staging, layout.temp, launch.received,
                             self._keep_until_done,
-                            pulls=bool(channels is not None and channels.pulls),
+                            pulls=shared is not None and bool(shared.channels.pulls),
                             note_commit=self._commits.append,
-                            own=launch.shared.own_slots if launch.shared is not None else None)
+                            own=shared.own_slots if shared is not None else None)
 
     def _send_and_receive(self, layout: Layout, expert_weights: Weights,
                           shared: SharedWeights | None, staging: torch.Tensor,
@@ -536,8 +538,7 @@ class TransferEngine:
         """Pack and launch this rank's messages, piece by piece; returns the works.
         The send buffer goes into `buffers` (kept alive until the sends are done)."""
         own = shared.own_slots if shared is not None else None
-        mine = {layer: current_slots(expert_weights[layer],
-                                     own[layer] if own is not None and layer < len(own) else None)
+        mine = {layer: current_slots(expert_weights, layer, own)
                 for layer in {layer for _, layer, _ in layout.packed}}
         packed = staging[:0]
         if layout.send_bytes:

@@ -53,20 +53,21 @@ def test_copies_move_the_slot_bytes(per_slot: bool) -> None:
 def test_current_slots_hands_out_cached_views_only_while_they_hold() -> None:
     weights = _weights()
     cached = [SlotBytes(w, per_slot=True) for w in weights]
-    assert current_slots(weights, cached) is cached
-    assert current_slots(weights, None) is not cached
+    assert current_slots([weights], 0, [cached]) is cached
+    assert current_slots([weights], 0, None) is not cached
+    assert current_slots([weights, weights], 1, [cached]) is not cached  # no entry for layer 1
 
     replaced = list(weights)
     replaced[1] = weights[1].clone()  # another tensor at that place
-    fresh = current_slots(replaced, cached)
+    fresh = current_slots([replaced], 0, [cached])
     assert fresh is not cached and fresh[1].weight is replaced[1]
 
     moved = _weights()
     cached = [SlotBytes(w, per_slot=True) for w in moved]
     moved[0].set_(moved[0].clone())  # the same tensor object, reallocated in place
-    fresh = current_slots(moved, cached)
+    fresh = current_slots([moved], 0, [cached])
     assert fresh is not cached and fresh[0].data_ptr == moved[0].data_ptr()
 
     three = [SlotBytes(w) for w in weights]
-    fewer = current_slots(weights[:2], three)  # a layer that lost a tensor
+    fewer = current_slots([weights[:2]], 0, [three])  # a layer that lost a tensor
     assert fewer is not three and len(fewer) == 2

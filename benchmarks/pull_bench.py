@@ -74,12 +74,17 @@ class GemmStream:
     """bf16 matmuls in a loop, timed one by one: CUDA events on a side stream
     (GPU), or a thread with host clocks (CPU dry run)."""
 
-    def __init__(self, device: torch.device, size: int) -> None:
+    def __init__(self, device: torch.device, size: int, on_default: bool = False) -> None:
+        """`on_default`: run the GEMMs on the legacy default stream, as a serving
+        loop that never picks a stream does (docs/integration.md)."""
         self.device = device
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.a = torch.randn(size, size, device=device, dtype=dtype)
         self.b = torch.randn(size, size, device=device, dtype=dtype)
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream: torch.cuda.Stream | None = None
+        if device.type == "cuda":
+            self.stream = (torch.cuda.default_stream(device) if on_default
+                           else torch.cuda.Stream(device))
         self._marks: list[Any] = []
         self._thread: threading.Thread | None = None
 
@@ -235,7 +240,7 @@ def bench_rank(rank: int, world: int, args: dict[str, Any]) -> list[dict[str, An
         for layer in weights:
             for i, w in enumerate(layer):
                 layer[i] = shared_empty(tuple(w.shape), w.dtype).copy_(w)
-    gemm = GemmStream(device, args["gemm_size"])
+    gemm = GemmStream(device, args["gemm_size"], args["gemm_on_default"])
     gemm.start(args["gemm_warmup"])
     alone = statistics.median(gemm.durations()[1:] or [1e-3])
     methods = (["nccl"] if args["only_nccl"]
@@ -289,7 +294,8 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
         f"pull_bench: {world} x {card_name(args['backend'])}, torch {torch.__version__}",
         f"expert slot = 3 bf16 tensors {' + '.join(f'{a}x{b}' for a, b in shapes)}; "
         f"{args['slots']} slots/rank; random old -> random new placement, seed {args['seed']}",
-        f"GEMM stream: {args['gemm_size']}^3 matmuls on a non-default stream, "
+        f"GEMM stream: {args['gemm_size']}^3 matmuls on "
+        f"{'the legacy default' if args['gemm_on_default'] else 'a non-default'} stream, "
         f"{rows[0]['gemm_ms']:.2f} ms each alone (rank 0); {args['repeats']} transfers per "
         "measurement; GB/s per rank = mean bytes received / slowest rank's time",
         "",
@@ -309,11 +315,14 @@ def table(rows: list[dict[str, Any]], args: dict[str, Any], world: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, repeats=5)
+    parser.add_argument("--gemm-on-default", action="store_true",
+                        help="run the GEMMs on the legacy default stream (the case "
+                             "docs/integration.md warns about) instead of a side stream")
     ns = parser.parse_args(argv)
     args: dict[str, Any] = {
         **run_values(ns, repeats=5),
         "gemm_size": 64 if ns.dry_run else 8192, "gemm_warmup": 5 if ns.dry_run else 20,
-        "only_nccl": False,
+        "only_nccl": False, "gemm_on_default": ns.gemm_on_default,
     }
     if min(args["layers"]) < 1 or args["slots"] < 2 or args["repeats"] < 1:
         parser.error("--layers and --repeats must be >= 1 and --slots >= 2")

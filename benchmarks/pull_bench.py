@@ -82,9 +82,14 @@ class GemmStream:
         self.a = torch.randn(size, size, device=device, dtype=dtype)
         self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.stream: torch.cuda.Stream | None = None
+        self.marks_on: torch.cuda.Stream | None = None  # None: the current stream
         if device.type == "cuda":
             self.stream = (torch.cuda.default_stream(device) if on_default
                            else torch.cuda.Stream(device))
+            if on_default:
+                # A window edge on the GEMMs' own stream would queue behind them;
+                # torch's pool streams are non-blocking, so one of them does not.
+                self.marks_on = torch.cuda.Stream(device)
         self._marks: list[Any] = []
         self._thread: threading.Thread | None = None
 
@@ -113,7 +118,7 @@ class GemmStream:
         """A point of the timeline to compare GEMMs against (a window edge)."""
         if self.stream is not None:
             event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(self.marks_on or torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 
@@ -217,11 +222,15 @@ def _pull_bound(nbytes: int, device: torch.device, repeats: int,
             gemm.start(int(max(8, 4 * nbytes / 300e9 / alone)))
             lo = gemm.mark()
         start = time.perf_counter()
-        local.copy_(peer, non_blocking=True)
         if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # the copy, not the GEMMs
+            # The copy, not the GEMMs: off their stream when they run on the current one.
+            copier = (gemm.marks_on if gemm is not None and gemm.marks_on is not None
+                      else torch.cuda.current_stream(device))
+            with torch.cuda.stream(copier):
+                local.copy_(peer, non_blocking=True)
+            copier.synchronize()
         else:
-            sync_device(device)
+            local.copy_(peer)
         times.append(reduce_value(time.perf_counter() - start, device, dist.ReduceOp.MAX))
         if gemm is not None:
             inside = gemm.durations((lo, gemm.mark()))

@@ -32,7 +32,7 @@ for n in 2 4; do
 done
 echo "== gpu_path on $gpus GPUs with transfer_path=auto (same-node pulls)"
 timeout 540 python3 benchmarks/gpu_path.py --gpus "$gpus" --transfer-path auto 2>&1 \
-  | grep -v -e Warning -e "legacy default" | tee "$out/gpu_path_pull_$gpus.txt" | tail -12
+  | grep -v Warning | tee "$out/gpu_path_pull_$gpus.txt" | tail -12
 echo "== simulate under torchrun, NCCL, $gpus GPUs, exact arithmetic (invariance check)"
 timeout 240 torchrun --nproc-per-node "$gpus" -m eplb_fsm simulate --steps 120 --tokens 256 \
   --step-interval 40 --window-size 20 --shift-at 60 --check-every 20 \

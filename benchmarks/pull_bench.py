@@ -1,8 +1,8 @@
 """Pull path vs NCCL: bandwidth per rank and the slowdown of a concurrent GEMM stream.
 
-Every rank runs a stream of bf16 8192x8192 matmuls on a *non-default* CUDA
-stream (the way a serving engine should run its model; on the legacy default
-stream the pulls would serialize with it, docs/integration.md) while the
+Every rank runs a stream of bf16 8192x8192 matmuls on a non-default CUDA
+stream (``--gemm-on-default``: on the legacy default stream, the stream that
+is current when the engine stages; docs/integration.md) while the
 `TransferEngine` stages DeepSeek-V3-like experts (three bf16 tensors,
 7168x2048 + 2048x7168 + 7168x2048 = 88 MB per slot) between two random
 placements, `--repeats` times back to back (stage, poll `ready()`, release:

@@ -151,7 +151,6 @@ class TransferEngine:
         self._streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Event]] = {}
         self._warm = False
         self._backends: dict[str, str] = {}  # device type -> the group's backend for it
-        self._stream_checked = False  # the legacy-default-stream check ran (once per engine)
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
@@ -475,8 +474,6 @@ class TransferEngine:
         # Everything before the first copy delays the transfer: only what it needs.
         layout = launch.layout
         cuda = device.type == "cuda"
-        if cuda and not self._stream_checked and layout.pulls:
-            self._check_stream(device)
         works: list[Any] = []
         buffers: list[torch.Tensor] = []
         restore, caller_device = None, None
@@ -558,14 +555,6 @@ class TransferEngine:
             if ops:
                 works.extend(dist.batch_isend_irecv(ops))
         return works
-
-    def _check_stream(self, device: torch.device) -> None:
-        self._stream_checked = True  # a serving loop keeps its stream: check once
-        if torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
-            self._say("default-stream", "stage() runs on the legacy default CUDA stream: the "
-                      "pulls' side stream serializes with it, so compute on that "
-                      "stream waits for every pull; run the model on a non-default "
-                      "stream (docs/integration.md)")
 
     @staticmethod
     def _copy_slot(buffer: torch.Tensor, offset: int, tensors: Sequence[SlotBytes],

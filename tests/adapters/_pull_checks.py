@@ -369,26 +369,52 @@ def check_pull_vs_nccl(rank: int, world: int, seed: int) -> dict[str, object]:
     torch.cuda.synchronize()
     assert_weights(pulled, sent, "pull vs nccl")
     assert pull_bytes == nccl_bytes
-    # The legacy-default-stream case is detected (and still correct) ...
+    # On the legacy default stream and on a side stream alike: the same weights.
     old, new = _swap_n(world)
-    engine = TransferEngine(path="pull")
-    weights = make_weights(old, rank, world, device)
-    engine.share_weights(weights)
-    staged_round(engine, old, new, weights, list(range(LAYERS)))
-    torch.cuda.synchronize()
-    assert "default-stream" in engine._said
-    assert_weights(weights, make_weights(new, rank, world, device), "default stream")
-    # ... and not raised on a side stream.
-    engine2 = TransferEngine(path="pull")
-    weights2 = make_weights(old, rank, world, device)
-    engine2.share_weights(weights2)
-    with torch.cuda.stream(torch.cuda.Stream()):
-        staged_round(engine2, old, new, weights2, list(range(LAYERS)))
-        torch.cuda.synchronize()
-    assert "default-stream" not in engine2._said
-    assert_weights(weights2, make_weights(new, rank, world, device), "side stream")
+    for where in ("default stream", "side stream"):
+        engine = TransferEngine(path="pull")
+        weights = make_weights(old, rank, world, device)
+        engine.share_weights(weights)
+        stream = torch.cuda.Stream() if where == "side stream" else torch.cuda.current_stream()
+        with torch.cuda.stream(stream):
+            staged_round(engine, old, new, weights, list(range(LAYERS)))
+            torch.cuda.synchronize()
+        assert_weights(weights, make_weights(new, rank, world, device), where)
+    _pulls_pass_queued_compute(rank, world, device)
     assert time.monotonic() - start < 4 * DEADLINE_S
     return {"bytes": pull_bytes}
+
+
+def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> None:
+    """A stage that only pulls does not wait for the work queued on the current
+    stream (the serving compute, legacy default stream or not); one that packs
+    for NCCL does, since a commit queued there may still be writing the live
+    slots it reads. Before 0605265 pulls waited too: on 2 H200s, with the
+    GEMMs on the stream current at stage(), they moved 20% of the pull bound
+    instead of 84-89% (docs/integration.md)."""
+    old, new = _swap_n(world)
+    for path, waits in (("pull", False), ("nccl", True)):
+        engine = TransferEngine(path=path)
+        weights = make_weights(old, rank, world, device)
+        engine.share_weights(weights)
+        prepared = engine.prepare(old, new, [0])
+        dist.barrier()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of one busy kernel on the current stream
+        busy = torch.cuda.Event()
+        busy.record()
+        handle = engine.stage(old, new, [0], weights, prepared)
+        deadline = time.monotonic() + DEADLINE_S
+        while not handle.ready():
+            assert time.monotonic() < deadline, f"{path}: stage not ready in {DEADLINE_S} s"
+            time.sleep(0.0005)
+        assert bool(busy.query()) == waits, (
+            f"{path}: ready() {'before' if not busy.query() else 'after'} the compute "
+            f"queued on the current stream finished (expected it to "
+            f"{'wait' if waits else 'pass'})")
+        handle.release()
+        torch.cuda.synchronize()
+        dist.barrier()
 
 
 def _swap_n(world: int) -> tuple[np.ndarray, np.ndarray]:

@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser, repeats=5)
     parser.add_argument("--gemm-on-default", action="store_true",
-                        help="run the GEMMs on the legacy default stream (the case "
-                             "docs/integration.md warns about) instead of a side stream")
+                        help="run the GEMMs on the legacy default stream, the one current "
+                             "when the engine stages, instead of a side stream "
+                             "(docs/integration.md)")
     ns = parser.parse_args(argv)
     args: dict[str, Any] = {
         **run_values(ns, repeats=5),

@@ -6,26 +6,9 @@ balancer can be run end to end and checked: rebalancing must never change what
 the model computes. `DenseMoE` evaluates the same weights in one process,
 without expert parallelism, as the oracle.
 
-Why the arithmetic looks unusual
---------------------------------
-On CPU a BLAS matmul's result for one row depends on how many rows are in the
-batch (MKL picks other kernels and blockings: with torch 2.13 on AVX512, row 0
-of ``X[:n] @ W`` differs in the last bits from ``X[:1] @ W`` for almost every
-n). After a rebalance an expert's replica receives a different batch, so a
-BLAS-based model would change its outputs whenever the placement changes. So
-every product here is computed as an element-wise multiply followed by a sum
-over the contraction axis in a fixed pairwise tree (`_tree_sum`) made of
-element-wise adds. IEEE multiply, add, divide and sqrt are correctly rounded
-whatever the vector width, so each row's result depends on that row alone:
-not on the batch size, on the row's position, on which replica computed it or
-on the rank. The softmax's exponentials are computed with Python's `math.exp`
-on float64 (vectorised and scalar `exp` kernels may differ in the last bit,
-and which elements take which path depends on the batch size). Activations
-are ReLU, not SiLU, for the same reason (ReGLU: ``relu(x Wg) * (x Wu) Wd``).
-The combine sums the top-k expert outputs in the order of the routing, one
-element-wise step per k. The cost is memory ([rows, in, out] products,
-computed in chunks of rows) and speed, which is fine for the small default
-sizes this model is for.
+The arithmetic (products, norms, softmax) is batch-invariant in exact mode,
+so that a row's result never depends on which rows share its batch:
+`exact_ops` says why and how.
 
 Tolerance: on CPU, outputs are bit-identical across placements, replica
 choices, world sizes and the dense evaluation (the tests assert
@@ -67,6 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._core.placement import Placement
+from .exact_ops import RMS_EPS, expert_rows, rms_norm, row_matmul, softmax_rows
 
 __all__ = [
     "DenseMoE",
@@ -77,9 +61,7 @@ __all__ = [
     "sample_tokens",
 ]
 
-_ROW_CHUNK = 512  # rows per product chunk: bounds the [rows, in, out] temporary
 FAST_RTOL, FAST_ATOL = 1e-4, 1e-4  # exact=False against the dense evaluation (float32)
-_RMS_EPS = 1e-6
 _TAG_EXPERT = 0
 _TAG_ROUTER = 1
 _TAG_TOKENS = 2
@@ -185,71 +167,6 @@ def sample_tokens(config: MoEConfig, num_tokens: int, *, step: int = 0,
     return torch.from_numpy(tokens).to(config.dtype)
 
 
-# -- batch-invariant arithmetic ------------------------------------------------------
-
-
-def _tree_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum over `dim` in a fixed pairwise order built from element-wise adds only."""
-    while x.shape[dim] > 1:
-        size = x.shape[dim]
-        half = size // 2
-        head = x.narrow(dim, 0, half) + x.narrow(dim, half, half)
-        if size % 2:
-            head = torch.cat([head, x.narrow(dim, 2 * half, 1)], dim)
-        x = head
-    return x.squeeze(dim)
-
-
-def _row_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [n, a] @ w`` per row, where w is [a, b] (shared) or [n, a, b] (per row)."""
-    return _tree_sum(x.unsqueeze(-1) * w, dim=-2)
-
-
-def _rms_norm(x: torch.Tensor) -> torch.Tensor:
-    mean_square = _tree_sum(x * x, dim=-1) / x.shape[-1]
-    return x / torch.sqrt(mean_square + _RMS_EPS).unsqueeze(-1)
-
-
-def _expert_rows(
-    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, index: torch.Tensor,
-    compute_dtype: torch.dtype, exact: bool = True,
-) -> torch.Tensor:
-    """ReGLU expert MLP for each row of `x` with the weights ``gate_up[index[row]]``."""
-    out = x.new_empty(x.shape)
-    inter = down.shape[1]
-    if not exact:  # one matmul pair per expert present: fast, batch-dependent rounding
-        order = torch.sort(index, stable=True).indices
-        experts, counts = torch.unique_consecutive(index[order], return_counts=True)
-        start = 0
-        for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-            picked = order[start:start + count]
-            start += count
-            gu = x[picked] @ gate_up[expert].to(compute_dtype)
-            act = torch.relu(gu[:, :inter]) * gu[:, inter:]
-            out[picked] = act @ down[expert].to(compute_dtype)
-        return out
-    for start in range(0, x.shape[0], _ROW_CHUNK):
-        rows = slice(start, start + _ROW_CHUNK)
-        idx = index[rows]
-        gu = _row_matmul(x[rows], gate_up.index_select(0, idx).to(compute_dtype))
-        act = torch.relu(gu[:, :inter]) * gu[:, inter:]
-        out[rows] = _row_matmul(act, down.index_select(0, idx).to(compute_dtype))
-    return out
-
-
-def _softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of [n, k], in float64 with `math.exp` (exactly per element)."""
-    z = logits.double()
-    z = z - z.max(dim=-1, keepdim=True).values
-    flat = z.flatten().tolist()
-    e = torch.tensor([math.exp(v) for v in flat], dtype=torch.float64).view(z.shape)
-    e = e.to(logits.device)
-    total = e[:, 0]
-    for j in range(1, e.shape[1]):
-        total = total + e[:, j]
-    return (e / total.unsqueeze(-1)).to(logits.dtype)
-
-
 def _occurrence_index(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """For each entry, how many earlier entries hold the same id."""
     order = torch.sort(ids, stable=True).indices
@@ -318,16 +235,16 @@ def _moe_stack(
     routing: list[torch.Tensor] = []
     for layer, router in enumerate(routers):
         if config.exact:
-            x = _rms_norm(h)
-            logits = _row_matmul(x, router.to(compute))
+            x = rms_norm(h)
+            logits = row_matmul(x, router.to(compute))
         else:
-            x = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + _RMS_EPS)
+            x = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
             logits = x @ router.to(compute)
         ids = _forced_ids(expert_ids, layer, n, config, h.device)
         if ids is None:
             ids = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
         picked = logits.gather(1, ids)
-        gates = _softmax_rows(picked) if config.exact else torch.softmax(picked, dim=-1)
+        gates = softmax_rows(picked) if config.exact else torch.softmax(picked, dim=-1)
         rows = x.repeat_interleave(k, dim=0)
         y = run_experts(layer, rows, ids.reshape(-1)).view(n, k, h.shape[1])
         mixed = gates[:, :1] * y[:, 0]
@@ -359,7 +276,7 @@ class DenseMoE:
             self.down.append(torch.stack([p[1] for p in pairs]).to(self.device))
 
     def _run_experts(self, layer: int, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return _expert_rows(rows, self.gate_up[layer], self.down[layer], ids,
+        return expert_rows(rows, self.gate_up[layer], self.down[layer], ids,
                             self.config.compute_dtype, self.config.exact)
 
     @torch.no_grad()
@@ -624,7 +541,7 @@ class ReferenceMoE(nn.Module):
         else:
             slots, dest, send_counts = self._route(layer, ids)
             if self.world_size == 1:
-                return _expert_rows(rows, gate_up, down, slots, compute, self.config.exact)
+                return expert_rows(rows, gate_up, down, slots, compute, self.config.exact)
             recv_counts = torch.empty_like(send_counts)
             dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         local = self.num_local_physical_experts
@@ -639,7 +556,7 @@ class ReferenceMoE(nn.Module):
         dist.all_to_all_single(received, send[order], recv_split, send_split,
                                group=self.group)
         recv_index = received[:, hidden].long()
-        computed = _expert_rows(received[:, :hidden], gate_up, down, recv_index, compute,
+        computed = expert_rows(received[:, :hidden], gate_up, down, recv_index, compute,
                                 self.config.exact)
         back = rows.new_empty(rows.shape)
         dist.all_to_all_single(back, computed, send_split, recv_split, group=self.group)

@@ -391,7 +391,8 @@ def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> N
     for NCCL does, since a commit queued there may still be writing the live
     slots it reads. Before 0605265 pulls waited too: on 2 H200s, with the
     GEMMs on the stream current at stage(), they moved 20% of the pull bound
-    instead of 84-89% (docs/integration.md)."""
+    instead of 84-89% (docs/integration.md). And work queued on the legacy
+    default stream after a stage does not wait for the stage's side stream."""
     old, new = _swap_n(world)
     for path, waits in (("pull", False), ("nccl", True)):
         engine = TransferEngine(path=path)
@@ -415,6 +416,30 @@ def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> N
         handle.release()
         torch.cuda.synchronize()
         dist.barrier()
+    # The other way round: work queued on the legacy default stream after a stage
+    # does not wait for the stage's side stream (torch's streams are non-blocking),
+    # so a forward pass launched next never waits for pulls still running.
+    engine = TransferEngine(path="pull")
+    weights = make_weights(old, rank, world, device)
+    engine.share_weights(weights)
+    handle = engine.stage(old, new, [0], weights)
+    side, _ = engine._side(device)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)  # stands for ~1 s of pulls
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.ones(1, device=device).add_(1)
+    after = torch.cuda.Event()
+    after.record()
+    deadline = time.monotonic() + DEADLINE_S
+    while not after.query():
+        assert time.monotonic() < deadline, f"default-stream work not done in {DEADLINE_S} s"
+        time.sleep(0.0005)
+    assert not side.query(), ("default-stream work queued after the stage completed only "
+                              "once the side stream's kernel had ended: it waited for it")
+    torch.cuda.synchronize()
+    agreed_ready(handle)
+    handle.release()
+    dist.barrier()
 
 
 def _swap_n(world: int) -> tuple[np.ndarray, np.ndarray]:

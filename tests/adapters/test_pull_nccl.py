@@ -4,8 +4,9 @@ Random placements with redundancy over several layers and dtypes (one tensor
 non-contiguous), staged layer by layer and all at once: pulled weights must
 be bitwise identical to the NCCL path's and to the expected ones, on the
 legacy default stream and on a side stream. Also checks that a stage that
-only pulls does not wait for compute queued on the current stream, and that
-one that packs for NCCL does. Skipped without enough GPUs.
+only pulls does not wait for compute queued on the current stream, that one
+that packs for NCCL does, and that the legacy default stream does not wait
+for the engine's side stream. Skipped without enough GPUs.
 
     python -m pytest -q -m gpu tests/adapters/test_pull_nccl.py
 """

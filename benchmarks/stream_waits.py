@@ -29,8 +29,10 @@ def _queue(work: str, device: torch.device) -> None:
         torch.empty_like(src).copy_(src)
     elif work == "warm kernel":
         torch.ones(1, device=device).add_(1)  # launched once before the rows
-    else:  # a kernel this process has not launched before
+    elif work == "first-launch kernel":  # kernels this process has not launched before
         torch.ones(1, device=device).sin_()
+    else:
+        torch.ones(1, device=device).cos_()
 
 
 def waited_ms(busy: torch.cuda.Stream, then: torch.cuda.Stream, work: str,
@@ -67,7 +69,7 @@ def main() -> None:
             ("legacy default", default, "side stream", side, "warm kernel"),
             ("side stream", side, "another stream", other, "warm kernel"),
             ("side stream", side, "another stream", other, "first-launch kernel"),
-            ("side stream", side, "legacy default", default, "first-launch kernel")]
+            ("side stream", side, "legacy default", default, "another first launch")]
     print(f"stream_waits: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
           f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING', '(unset: LAZY)')}")
     print(f"{'busy stream':<16} {'work on':<16} {'work':<20} {'ms to done':>10}  "

@@ -422,6 +422,11 @@ def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> N
     engine = TransferEngine(path="pull")
     weights = make_weights(old, rank, world, device)
     engine.share_weights(weights)
+    # Launched once first: a kernel's first launch in a process waits for every
+    # running kernel whatever the stream (CUDA's lazy module loading;
+    # benchmarks/stream_waits.py), which is not what this checks.
+    torch.ones(1, device=device).add_(1)
+    torch.cuda.synchronize()
     handle = engine.stage(old, new, [0], weights)
     side, _ = engine._side(device)
     with torch.cuda.stream(side):

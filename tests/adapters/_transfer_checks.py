@@ -441,3 +441,43 @@ def _bad_input(rank: int, world: int, device: torch.device, old: np.ndarray,
     with pytest.raises(ValueError, match=rf"expert_weights\[{LAYERS - 1}\]\[0\]"):
         rearrange_weights(old, new, bad_last)
     assert_weights(weights, before, "after rejected input")
+
+
+# -- GPU: a serving process's first stages -----------------------------------------------------
+
+
+def check_first_stages_never_block(rank: int, world: int) -> dict[str, float]:
+    """A fresh process, as a serving process after start-up (the runtime has
+    called `warm_up()`, the model has run): its first NCCL stage and its first
+    pull stage return at once while ~1 s of kernel (a queued forward pass)
+    runs on the current stream. A kernel's first launch in a process blocks
+    the host until every running kernel ends (CUDA's lazy module loading,
+    docs/integration.md), so this is where a first launch inside `stage()`
+    would show. Returns each stage's host seconds."""
+    device = _device(rank, "cuda")
+    old = np.tile(np.arange(world * LOCAL), (LAYERS, 1))
+    new = old.copy()
+    new[0, [0, LOCAL]] = new[0, [LOCAL, 0]]  # ranks 0 and 1 trade one expert
+    took: dict[str, float] = {}
+    for path in ("nccl", "pull"):
+        weights = make_weights(old, rank, world, device)
+        engine = TransferEngine(path=path)
+        engine.warm_up(device)
+        if path == "pull":
+            engine.share_weights(weights)
+        prepared = engine.prepare(old, new, [0])
+        torch.cuda._sleep(1000)  # the spin kernel's own first launch, while nothing runs
+        torch.cuda.synchronize()
+        dist.barrier()
+        torch.cuda._sleep(2_000_000_000)
+        start = time.perf_counter()
+        handle = engine.stage(old, new, [0], weights, prepared)
+        took[path] = time.perf_counter() - start
+        _poll(handle, f"first {path} stage")
+        dist.barrier()  # every rank ready (pulls read peers' live slots) before commit
+        handle.commit()
+        torch.cuda.synchronize()
+        assert_weights(weights, make_weights(new, rank, world, device), f"first {path} stage")
+        assert took[path] < 0.25, (f"the process's first {path} stage held the host "
+                                   f"{took[path] * 1e3:.0f} ms behind a running kernel")
+    return took

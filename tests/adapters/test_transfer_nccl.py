@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _transfer_checks import SEED, check_all, expected_totals
+from _transfer_checks import SEED, check_all, check_first_stages_never_block, expected_totals
 
 from eplb_fsm.testing import run_ranks
 
@@ -27,3 +27,13 @@ def test_transfer_engine_on_nccl(world: int) -> None:
     results = run_ranks(check_all, world, SEED, "cuda", timeout=120, backend="nccl")
     totals = {name: sum(r[name] for r in results) for name in results[0]}
     assert totals == expected_totals(world)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_first_stages_never_block_the_host() -> None:
+    """Its own spawn: the first NCCL and pull stages of a fresh process."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, found {torch.cuda.device_count()}")
+    results = run_ranks(check_first_stages_never_block, 2, timeout=90, backend="nccl")
+    assert all(set(r) == {"nccl", "pull"} for r in results)

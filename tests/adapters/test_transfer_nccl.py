@@ -5,6 +5,9 @@ run where torch sees enough GPUs; skipped elsewhere. On GPU they also cover
 what only CUDA shows: the side stream, the staging event that `ready()`
 polls and `commit()` waits on, and NCCL's rule that a group's first batched
 P2P call must include every rank (the first scenario leaves ranks idle).
+In a spawn of its own, a fresh process's first NCCL and pull stages must
+not hold the host behind a running kernel (`warm_up()` loads NCCL's
+send/recv kernels before serving).
 
     python -m pytest -q -m gpu tests/adapters/test_transfer_nccl.py
 """

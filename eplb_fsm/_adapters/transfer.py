@@ -38,7 +38,9 @@ Why it is shaped this way:
   send or receive cannot take part (torch rejects an empty op list), so the
   engine runs one tiny all-reduce on the group the first time it stages on
   NCCL (or when `warm_up()` is called), creating the communicator on every
-  rank; afterwards idle ranks simply skip the batch.
+  rank; afterwards idle ranks simply skip the batch. `warm_up()` also sends
+  one element around a ring, so that NCCL's send/recv kernels load at
+  start-up: their first launch blocks the host behind every running kernel.
 - **Sends are safe to read until every rank is ready.** `ready()` covers this
   rank's sends as well as its receives, and the protocol commits only once
   every rank is ready, so no live slot is overwritten while it is packed.

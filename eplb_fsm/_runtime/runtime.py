@@ -123,8 +123,10 @@ class EplbRuntime:
         device = torch.device(device)
         allreduce, mover = make_transports(group, cpu_group, device, config)
         if device.type == "cuda":
-            # NCCL builds its P2P communicators on the first batched send/receive,
-            # which takes tens of ms; pay it here, not inside a serving step.
+            # NCCL builds its communicator on first use (tens of ms), and a first
+            # launch of its send/recv kernels blocks the host behind every running
+            # kernel (lazy loading: ~1 s behind a 1 s kernel, measured); pay both
+            # here, not inside a serving step.
             mover.warm_up(device)
         self._setup(config, allreduce, mover, device, None, None)
         self._liveness = Heartbeat.for_default_group(dist.get_rank(group),

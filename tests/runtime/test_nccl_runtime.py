@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -71,3 +72,56 @@ def test_runtime_on_nccl_keeps_weights_and_maps_true(world: int, use_async: bool
     assert all(r["history"] == results[0]["history"] for r in results)
     assert all(r["placement"] == results[0]["placement"] for r in results)
     assert all(r["done"] >= 2 and r["checks"] >= 2 for r in results)
+
+
+SPIN_CYCLES = 400_000_000  # ~0.2 s of one kernel on an H200: the pass in flight at step()
+
+
+def _serve_with_a_pass_in_flight(rank: int, world: int, path: str) -> dict[str, Any]:
+    """Every step() is called as a serving loop calls it: the host has just
+    synchronised (sampling) and queued the next forward pass, here ~0.2 s of
+    one kernel, so any host wait inside step() (a device sync, a blocking
+    copy, a kernel's first launch in the process) lasts until that kernel ends."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+
+    async def main() -> dict[str, Any]:
+        cfg = EplbConfig(window_size=6, step_interval=10, num_redundant_experts=REDUNDANT,
+                         use_async=True, readiness_lag=2, peer_timeout_s=60.0,
+                         transfer_path=path)
+        rt = EplbRuntime(cfg)
+        model = TaggedMoEModel(rank, world, L, E, REDUNDANT, device=device)
+        rt.add_model(model, "main")
+        torch.cuda._sleep(1000)  # the spin kernel's own first launch, while nothing runs
+        torch.cuda.synchronize()
+        took = []
+        for step in range(1, 61):
+            model.feed(_load(step * 4))  # the hot set moves at step 30
+            dist.barrier()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(SPIN_CYCLES)
+            start = time.perf_counter()
+            await rt.step()
+            took.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        assert model.wrong_slots(rt.placement().physical_to_logical) == []
+        done = rt.stats()["models"]["main"]["rebalances"]["done"]
+        rt.close()
+        slowest = int(np.argmax(took))
+        assert took[slowest] < 0.1, (f"step {slowest + 1} held the host "
+                                     f"{took[slowest] * 1e3:.0f} ms behind the pass in flight")
+        return {"done": done, "slowest_ms": took[slowest] * 1e3}
+
+    return asyncio.run(main())
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("path", ["auto", "nccl"])
+def test_step_never_waits_for_the_pass_in_flight(path: str) -> None:
+    """A fresh process per path: first launches of kernels inside step() show here."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    results = run_ranks(_serve_with_a_pass_in_flight, 2, path, backend="nccl", timeout=150)
+    assert all(r["done"] >= 1 for r in results), results

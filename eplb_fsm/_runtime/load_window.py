@@ -112,11 +112,21 @@ class LoadWindow:
         self._forget_unused_maps()
         versions = sorted(set(self._version[self._version >= 0].tolist()))
         if versions:
-            sums = torch.stack([
-                self._buf[torch.from_numpy(np.flatnonzero(self._version == v)).to(
-                    self._buf.device)].sum(dim=0)
-                for v in versions
-            ])
+            sums = torch.stack([self._sum_of(v) for v in versions])
         else:
             sums = self._buf[:0].sum(dim=0, keepdim=True)[:0]
         return HostLoad(sums, versions, dict(self._maps), self._num_logical)
+
+    def _sum_of(self, version: int) -> torch.Tensor:
+        """The sum of the entries recorded under `version`, by slices of the ring.
+
+        Not by an index tensor: building one on the device is a pageable
+        host-to-device copy, which waits for the stream, i.e. for the forward
+        pass in flight. A version's entries were written one after another,
+        so they are one run of the ring, or two where it wraps."""
+        entries = np.flatnonzero(self._version == version)
+        runs = np.split(entries, np.flatnonzero(np.diff(entries) != 1) + 1)
+        total = self._buf[int(runs[0][0]):int(runs[0][-1]) + 1].sum(dim=0)
+        for run in runs[1:]:
+            total = total + self._buf[int(run[0]):int(run[-1]) + 1].sum(dim=0)
+        return total

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eplb_fsm._runtime.load_window import LoadWindow, physical_to_logical_load
 
@@ -35,3 +37,35 @@ def test_ring_buffer_forgets_the_oldest_pass_and_its_map() -> None:
 def test_empty_slots_drop_their_load() -> None:
     load = physical_to_logical_load(np.array([[3, 4, 5]]), np.array([[1, -1, 1]]), 2)
     np.testing.assert_array_equal(load, [[0, 8]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
+       ops=st.lists(st.sampled_from(["record", "record", "record", "map"]), min_size=1,
+                    max_size=30))
+def test_snapshot_sums_every_pass_under_its_own_map(size: int, seed: int,
+                                                    ops: list[str]) -> None:
+    """Against a plain list of the last `size` passes and their maps: the snapshot
+    sums each version's entries by ring slices, across wraps and many versions."""
+    rng = np.random.default_rng(seed)
+    layers, slots, experts = 2, 4, 3
+
+    def a_map() -> np.ndarray:
+        return rng.integers(-1, experts, size=(layers, slots))
+
+    window = LoadWindow(size, layers, slots, experts, torch.device("cpu"))
+    current = a_map()
+    window.set_map(current)
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    for op in ops:
+        if op == "map":
+            current = a_map()
+            window.set_map(current)
+            continue
+        load = rng.integers(0, 100, size=(layers, slots))
+        window.record(torch.from_numpy(load))
+        kept = [*kept, (load, current.copy())][-size:]
+    expected = np.zeros((layers, experts), dtype=np.int64)
+    for load, p2l in kept:
+        expected += physical_to_logical_load(load, p2l, experts)
+    np.testing.assert_array_equal(window.snapshot().logical(), expected)

@@ -79,6 +79,13 @@ class ModelDriver:
                                       dtype=torch.int64, device=device)
         self._l2p = maps.logical_to_physical
         self._rc = maps.replica_count
+        if device.type == "cuda":
+            # A commit's map copies, once, before serving (the values are the ones
+            # there), so that their pinned buffers exist: CUDA counts a page-locked
+            # host allocation among the operations that synchronise implicitly.
+            for layers in ([0], list(range(placement.num_layers))):
+                _copy_rows(self._l2p, placement.logical_to_physical, layers)
+                _copy_rows(self._rc, placement.replica_count, layers)
         model.set_eplb_state(self._load_view, self._l2p, self._rc)
         every = config.load_record_interval or (8 if device.type == "cuda" else 1)
         self._record_every = every

@@ -79,6 +79,13 @@ class LoadWindow:
         self._num_logical = num_logical
         self._maps: dict[int, npt.NDArray[np.int64]] = {}
         self._current = -1
+        if self._buf.is_cuda:
+            # The snapshot's kernels and pinned buffer, once, here: the first
+            # snapshot runs inside a serving step, and a kernel's first launch
+            # blocks the host until every running kernel ends (CUDA's lazy
+            # loading; benchmarks/stream_waits.py).
+            row = self._buf[:1].sum(dim=0)
+            HostLoad(torch.stack([row + row]), [], {}, num_logical)
 
     def set_map(self, p2l: npt.NDArray[np.int64]) -> None:
         """Passes recorded from now on ran under `p2l`."""

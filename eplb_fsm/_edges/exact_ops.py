@@ -16,9 +16,8 @@ and which elements take which path depends on the batch size). Activations
 are ReLU, not SiLU, for the same reason (ReGLU: ``relu(x Wg) * (x Wu) Wd``).
 The model's combine (`moe._moe_stack`) sums the top-k expert outputs in the
 order of the routing, one element-wise step per k, for the same reason. The
-cost is memory ([rows, in, out] products,
-computed in chunks of rows) and speed, which is fine for the small default
-sizes this model is for.
+cost is memory ([rows, in, out] products, computed in chunks of rows) and
+speed, which is fine for the small default sizes this model is for.
 
 `expert_rows` also holds the fast path (``exact=False``): plain matmuls
 grouped by expert, for the model sizes a GPU benchmark needs.

@@ -578,9 +578,9 @@ def _copy_rows(target: torch.Tensor, rows: npt.NDArray[np.int64], layers: list[i
     """``target[layer] = rows[layer]`` for `layers`, queued on the current stream
     without a host wait: from pinned memory, row by row. A pageable
     host-to-device copy waits for the stream first, and so does indexing a
-    CUDA tensor with a list (torch copies the index over), which held every
-    committing step behind the forward pass in flight, ~0.2 s behind a 0.2 s
-    kernel on 2 H200s (`test_step_never_waits_for_the_pass_in_flight`)."""
+    CUDA tensor with a list (torch copies the index over): the host would wait
+    for the forward pass in flight (`test_step_never_waits_for_the_pass_in_flight`
+    saw steps held ~0.2 s behind a 0.2 s kernel on 2 H200s)."""
     source = torch.from_numpy(np.ascontiguousarray(rows[layers]))
     cuda = target.is_cuda
     if cuda:

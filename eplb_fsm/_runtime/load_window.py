@@ -84,8 +84,10 @@ class LoadWindow:
             # snapshot runs inside a serving step, and a kernel's first launch
             # blocks the host until every running kernel ends (CUDA's lazy
             # loading; benchmarks/stream_waits.py).
-            row = self._buf[:1].sum(dim=0)
-            HostLoad(torch.stack([row + row]), [], {}, num_logical)
+            # (The whole ring, not one entry: torch may turn a sum over one
+            # entry into a copy, and then the reduction kernel would stay cold.)
+            total = self._buf.sum(dim=0)
+            HostLoad(torch.stack([total + total]), [], {}, num_logical)
 
     def set_map(self, p2l: npt.NDArray[np.int64]) -> None:
         """Passes recorded from now on ran under `p2l`."""

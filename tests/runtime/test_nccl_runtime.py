@@ -93,6 +93,7 @@ def _serve_with_a_pass_in_flight(rank: int, world: int, path: str) -> dict[str, 
         rt = EplbRuntime(cfg)
         model = TaggedMoEModel(rank, world, L, E, REDUNDANT, device=device)
         rt.add_model(model, "main")
+        await rt.step(is_profile=True)  # as an engine's memory profiling does (integration.md)
         torch.cuda._sleep(1000)  # the spin kernel's own first launch, while nothing runs
         torch.cuda.synchronize()
         took = []

@@ -405,10 +405,7 @@ def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> N
         busy = torch.cuda.Event()
         busy.record()
         handle = engine.stage(old, new, [0], weights, prepared)
-        deadline = time.monotonic() + DEADLINE_S
-        while not handle.ready():
-            assert time.monotonic() < deadline, f"{path}: stage not ready in {DEADLINE_S} s"
-            time.sleep(0.0005)
+        _poll(handle, f"{path} stage behind queued compute")
         assert bool(busy.query()) == waits, (
             f"{path}: ready() {'before' if not busy.query() else 'after'} the compute "
             f"queued on the current stream finished (expected it to "

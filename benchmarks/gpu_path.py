@@ -68,8 +68,8 @@ from _machine import cpu_line  # benchmarks/ is on sys.path
 
 from eplb_fsm import EplbConfig, EplbRuntime
 from eplb_fsm._core.balance import balancedness_per_layer, rank_load_from_physical
-from eplb_fsm._edges.moe import ReferenceMoE, sample_tokens
-from eplb_fsm._edges.simulate import SimulateOptions
+from eplb_fsm._reference.moe import ReferenceMoE, sample_tokens
+from eplb_fsm._sim.simulate import SimulateOptions
 from eplb_fsm.testing import FakeCluster, run_ranks
 
 BOUND_REPS = 3  # timed repetitions of each plain batch (after one warm-up)

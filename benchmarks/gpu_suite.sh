@@ -17,7 +17,7 @@ timeout 600 python3 -m pytest -q -m gpu -p no:cacheprovider tests/adapters/test_
   tests/adapters/test_pull_nccl.py tests/runtime/test_nccl_runtime.py \
   tests/runtime/test_forward_concurrency.py 2>&1 | tee "$out/nccl_tests.txt" | tail -5
 echo "== stream_waits: which work waits for a busy kernel on another stream"
-timeout 60 python3 benchmarks/stream_waits.py 2>&1 | tee "$out/stream_waits.txt"
+timeout 60 python3 benchmarks/diagnostics/stream_waits.py 2>&1 | tee "$out/stream_waits.txt"
 for n in 2 4; do
   [ "$gpus" -ge "$n" ] || continue
   if [ "${SKIP_TRANSFER:-0}" != 1 ]; then

@@ -4,8 +4,8 @@ The public API lives here and in the modules ``eplb_fsm.transfer`` (moving
 weights), ``eplb_fsm.testing`` (fake cluster, faults, launcher),
 ``eplb_fsm.reference`` (reference model, traces), ``eplb_fsm.metrics``
 (Prometheus) and ``eplb_fsm.vllm`` (vLLM-shaped adapter). Everything else is in
-``_``-prefixed packages (``_core``, ``_adapters``, ``_runtime``, ``_edges``)
-so that internals can move without breaking users.
+``_``-prefixed packages (``_core``, ``_adapters``, ``_runtime``, ``_reference``,
+``_sim``, ``_cli``, ``_integrations``) so that internals can move without breaking users.
 """
 
 from ._adapters.elastic_groups import ElasticGroups
@@ -44,7 +44,7 @@ from ._core.planning import (
     register_policy,
     run_policy,
 )
-from ._edges.vllm import select_replicas
+from ._integrations.vllm import select_replicas
 from ._runtime.config import EplbConfig
 from ._runtime.elastic import ExpertsLost, Reconfigured
 from ._runtime.hooks import LifecycleEvent

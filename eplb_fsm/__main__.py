@@ -1,5 +1,5 @@
 import sys
 
-from ._edges.cli import main
+from ._cli.cli import main
 
 sys.exit(main())

@@ -10,9 +10,9 @@ an `ImportError` that names the extra to install::
     metrics = EplbMetrics(rt)                  # global registry, names eplb_*
     start_http_server(9400 + rank)             # one /metrics per rank
 
-See `eplb_fsm._edges.metrics` for every metric's name, type and labels.
+See `eplb_fsm._integrations.metrics` for every metric's name, type and labels.
 """
 
-from ._edges.metrics import DEFAULT_BUCKETS, EplbMetrics
+from ._integrations.metrics import DEFAULT_BUCKETS, EplbMetrics
 
 __all__ = ["DEFAULT_BUCKETS", "EplbMetrics"]

@@ -10,8 +10,8 @@ the same model and traces against their own integration:
   (replay of a [steps, layers, experts] load file).
 """
 
-from ._edges.moe import DenseMoE, MoEConfig, ReferenceMoE, expert_weights_for, sample_tokens
-from ._edges.traces import LoadTrace, RecordedTrace, SyntheticTrace, drift_load, save_loads
+from ._reference.moe import DenseMoE, MoEConfig, ReferenceMoE, expert_weights_for, sample_tokens
+from ._reference.traces import LoadTrace, RecordedTrace, SyntheticTrace, drift_load, save_loads
 
 __all__ = [
     "DenseMoE",

@@ -10,7 +10,7 @@
 See docs/integration.md for a walk-through.
 """
 
-from ._edges.vllm import (
+from ._integrations.vllm import (
     VLLM_MOE_ATTRIBUTES,
     VllmMoEAdapter,
     check_mixture_of_experts,

@@ -48,6 +48,7 @@ from hypothesis.extra import numpy as hnp
 from eplb_fsm import EplbConfig, Placement, available_policies, plan
 from eplb_fsm import balancedness as _balancedness
 from eplb_fsm import rank_load_from_logical as _rank_load
+from eplb_fsm._cli.files import read_load, read_placement, write_placement
 from eplb_fsm._core.planning import check_policy_options, policy_needs_old_placement
 from eplb_fsm._core.transfer_plan import (
     LayerPlan,
@@ -58,8 +59,7 @@ from eplb_fsm._core.transfer_plan import (
     plan_layers,
     required_transfers,
 )
-from eplb_fsm._edges.files import read_load, read_placement, write_placement
-from eplb_fsm._edges.traces import save_loads
+from eplb_fsm._reference.traces import save_loads
 
 # The policies eplb_fsm registers itself, read at import (collection) time: other
 # test modules register deliberately broken "test-*" policies while they run.

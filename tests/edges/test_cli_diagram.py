@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from eplb_fsm import mermaid_diagram
-from eplb_fsm._edges.cli import main
+from eplb_fsm._cli.cli import main
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "lifecycle.md"
 

@@ -13,8 +13,8 @@ import torch
 
 import eplb_fsm
 from eplb_fsm import Placement, plan
-from eplb_fsm._edges.cli import main
-from eplb_fsm._edges.files import read_load, read_placement, write_placement
+from eplb_fsm._cli.cli import main
+from eplb_fsm._cli.files import read_load, read_placement, write_placement
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "load_8x64.json"
 ARGS = ["-P", "80", "-R", "8", "-G", "8", "-N", "2"]

@@ -6,13 +6,13 @@ import dataclasses
 from pathlib import Path
 
 from eplb_fsm import EplbConfig, available_policies
-from eplb_fsm._edges.cli import cli_reference
+from eplb_fsm._cli.cli import cli_reference
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def test_cli_reference_is_current() -> None:
-    # Regenerate: python -c "from eplb_fsm._edges.cli import cli_reference as r;
+    # Regenerate: python -c "from eplb_fsm._cli.cli import cli_reference as r;
     #   open('docs/cli.md', 'w').write(r())"
     assert (DOCS / "cli.md").read_text() == cli_reference()
 

@@ -202,7 +202,7 @@ def test_a_duration_reported_by_the_runtime_is_used_as_is() -> None:
 
 def test_missing_prometheus_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
-    for name in ("eplb_fsm.metrics", "eplb_fsm._edges.metrics"):
+    for name in ("eplb_fsm.metrics", "eplb_fsm._integrations.metrics"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(ImportError, match=r"eplb-fsm\[metrics\]"):
         importlib.import_module("eplb_fsm.metrics")

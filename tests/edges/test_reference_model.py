@@ -17,14 +17,14 @@ import torch.distributed as dist
 
 from eplb_fsm._adapters.interfaces import MoEModel
 from eplb_fsm._core.placement import Placement
-from eplb_fsm._edges.moe import (
+from eplb_fsm._reference.moe import (
     DenseMoE,
     MoEConfig,
     ReferenceMoE,
     expert_weights_for,
     sample_tokens,
 )
-from eplb_fsm._edges.traces import SyntheticTrace
+from eplb_fsm._reference.traces import SyntheticTrace
 from eplb_fsm.testing import run_ranks
 
 CONFIG = MoEConfig(num_layers=3, num_logical_experts=8, hidden_size=32,
@@ -308,7 +308,7 @@ def test_an_expert_without_replica_is_an_error_not_a_silent_drop() -> None:
 
 
 def test_fast_mode_matches_dense_within_its_tolerance_across_placements() -> None:
-    from eplb_fsm._edges.moe import FAST_ATOL, FAST_RTOL
+    from eplb_fsm._reference.moe import FAST_ATOL, FAST_RTOL
 
     cfg = MoEConfig(num_layers=3, num_logical_experts=8, hidden_size=64,
                     intermediate_size=96, exact=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eplb_fsm._edges.cli import main
+from eplb_fsm._cli.cli import main
 
 # 190 steps: rebalances start at 50, 100 and 150, and the last one has time to
 # finish in async mode too, so both modes end on the same plan.

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from eplb_fsm._edges.cli import main
+from eplb_fsm._cli.cli import main
 
 # 4 slots per rank: two ranks (8 slots) still hold the 8 experts.
 TINY = ["--ranks", "4", "--layers", "2", "--experts", "8", "--redundant", "8",

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eplb_fsm._edges.files import read_load
-from eplb_fsm._edges.traces import RecordedTrace, SyntheticTrace, save_loads
+from eplb_fsm._cli.files import read_load
+from eplb_fsm._reference.traces import RecordedTrace, SyntheticTrace, save_loads
 
 
 def _tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ the default since CUDA 12.2) and loading waits for the device. Each row
 keeps one stream busy with a ~0.5 s spin kernel, then queues a small piece of
 work on another stream and times how long it takes to complete.
 
-    python benchmarks/stream_waits.py
-    CUDA_MODULE_LOADING=EAGER python benchmarks/stream_waits.py
+    python benchmarks/diagnostics/stream_waits.py
+    CUDA_MODULE_LOADING=EAGER python benchmarks/diagnostics/stream_waits.py
 """
 
 from __future__ import annotations

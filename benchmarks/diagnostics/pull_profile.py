@@ -22,13 +22,17 @@ transfer_bench.py). Per row, medians over repeats, the slowest rank:
 Also printed: rank 0's profiler table of one engine stage under GEMMs, and a
 cProfile of stage() for 4 layers.
 
-    python benchmarks/pull_profile.py            # every visible GPU
+    python benchmarks/diagnostics/pull_profile.py            # every visible GPU
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+# the shared helpers (pull_bench, transfer_bench) live one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")

@@ -10,7 +10,7 @@ prints, per rank 0, medians over repeats:
   P2P launch waits for queued work on the host;
 - the top functions of a cProfile of `stage()` (send/recv path).
 
-    python benchmarks/stage_profile.py            # 2 GPUs
+    python benchmarks/diagnostics/stage_profile.py            # 2 GPUs
 """
 
 from __future__ import annotations

@@ -22,13 +22,17 @@ Then one repeat of the slowest rank, event by event from entering stage():
 the host operations (slices and ``copy_`` calls left out) and the device
 copies, with their start offsets: what the first copy waits for.
 
-    python benchmarks/stage_timeline.py            # every visible GPU
+    python benchmarks/diagnostics/stage_timeline.py            # every visible GPU
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
+# the shared helpers (pull_bench, transfer_bench) live one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")

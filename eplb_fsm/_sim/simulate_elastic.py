@@ -36,10 +36,11 @@ import torch
 import torch.distributed as dist
 
 from .._adapters.elastic_groups import ElasticGroups
+from .._reference.moe import ReferenceMoE, expert_weights_for
 from .._runtime.elastic import ExpertsLost, Reconfigured
 from .._runtime.runtime import EplbRuntime
-from .moe import ReferenceMoE, expert_weights_for
-from .simulate import Records, Serving, SimulateOptions
+from .options import SimulateOptions
+from .serving import Records, Serving
 
 __all__ = ["Scaler", "wrong_slots"]
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .files import LOAD_SUFFIXES, read_load
+from .._cli.files import LOAD_SUFFIXES, read_load
 
 __all__ = ["LoadTrace", "RecordedTrace", "SyntheticTrace", "drift_load", "save_loads"]
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from .._adapters.launch import RankFailed, run_ranks
 from .._core.planning import available_policies
+from .._sim.report import build_report, format_summary, write_report
+from .._sim.simulate import SimulateOptions, run_rank
 from .cli_plan import positive_int
-from .report import build_report, format_summary, write_report
-from .simulate import SimulateOptions, run_rank
 
 __all__ = ["add_parser"]
 

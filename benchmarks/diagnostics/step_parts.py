@@ -1,6 +1,6 @@
 """What an idle `step()` costs, part by part, on one device (diagnostic).
 
-    python benchmarks/step_parts.py [--device cuda]
+    python benchmarks/diagnostics/step_parts.py [--device cuda]
 """
 
 from __future__ import annotations

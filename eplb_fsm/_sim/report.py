@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .simulate import SimulateOptions, options_dict
+from .options import SimulateOptions, options_dict
 
 __all__ = ["build_report", "format_summary", "write_report"]
 

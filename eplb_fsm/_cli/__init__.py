@@ -1,0 +1,3 @@
+"""The ``eplb-fsm`` command line (``plan``, ``simulate``, ``diagram``) and the
+load and placement file formats it reads and writes.
+"""

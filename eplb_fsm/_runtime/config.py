@@ -6,7 +6,36 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from .._core.arrays import MAX_ID
+
 __all__ = ["EplbConfig"]
+
+#: Upper bounds of the int fields, checked at construction so that a value no
+#: process could allocate or count with is a ValueError naming the field, not a
+#: TypeError or an allocator error at `add_model` (or an int64 that wraps later).
+#: Each is far beyond any sane setting.
+LIMITS: dict[str, tuple[int, str]] = {
+    # The load window holds one [layers, slots] int64 entry per pass (per
+    # load_record_interval passes) plus two int64s of bookkeeping per entry on the
+    # host: 2**24 passes are days of serving, and their ring is already tens of GiB
+    # for a real model. Torch cannot even express a ring of 2**62 entries.
+    "window_size": (2**24, "the load window's ring must be allocatable"),
+    "load_record_interval": (2**24, "the load view sums this many passes, like the window"),
+    # Step numbers travel as int64 (readiness rounds); `step + interval` must not
+    # wrap for any step a process can reach. 2**62 still means "never" in practice.
+    "step_interval": (2**62, "step numbers are int64"),
+    "log_balancedness_interval": (2**62, "step numbers are int64"),
+    # A round launched at step s is read at s + lag, several times per layer: the
+    # due steps of a whole rebalance must stay far inside int64.
+    "readiness_lag": (2**31 - 1, "due steps (step + lag, per layer) are int64"),
+    # Counts of ranks, nodes, groups, slots and layers: every id the runtime builds
+    # from them must stay below the core's id limit (MAX_ID, 2**31).
+    "num_nodes": (MAX_ID - 1, "rank and node ids are below 2**31"),
+    "num_groups": (MAX_ID - 1, "group ids are below 2**31"),
+    "ranks_per_node": (MAX_ID - 1, "rank ids are below 2**31"),
+    "layers_per_transfer": (MAX_ID - 1, "layer ids are below 2**31"),
+    "num_redundant_experts": (MAX_ID - 1, "physical slot ids are below 2**31"),
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +121,11 @@ class EplbConfig:
                 or self.num_redundant_experts < 0):
             raise ValueError("EplbConfig.num_redundant_experts must be an int >= 0, got "
                              f"{self.num_redundant_experts!r}")
+        for name, (limit, why) in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ValueError(f"EplbConfig.{name}={value} is too large: the limit is "
+                                 f"{limit} ({why})")
         if self.policy_options is not None and not isinstance(self.policy_options, Mapping):
             raise ValueError("EplbConfig.policy_options must be a mapping or None, got "
                              f"{type(self.policy_options).__name__}")

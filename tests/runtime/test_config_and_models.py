@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
@@ -20,10 +22,35 @@ from eplb_fsm.testing import FakeCluster, TaggedMoEModel
     ("min_balancedness_gain", 2.0, r"min_balancedness_gain must be a number in \[-1, 1\]"),
     ("num_groups", 0, "num_groups must be a positive int or None"),
     ("policy_options", [1], "policy_options must be a mapping or None"),
+    # Values nothing could allocate or count with: refused here, not at add_model
+    # (window_size=2**40 was an allocator RuntimeError there, 2**64 a TypeError).
+    ("window_size", 2**40, r"EplbConfig\.window_size=1099511627776 is too large: the limit "
+                           r"is 16777216 \(the load window's ring must be allocatable\)"),
+    ("window_size", 2**64, r"window_size=18446744073709551616 is too large"),
+    ("load_record_interval", 2**24 + 1, r"load_record_interval=16777217 is too large"),
+    ("step_interval", 2**63, r"step_interval=9223372036854775808 is too large: the limit is "
+                             r"4611686018427387904 \(step numbers are int64\)"),
+    ("log_balancedness_interval", 2**62 + 1, r"log_balancedness_interval=\d+ is too large"),
+    ("readiness_lag", 2**31, r"readiness_lag=2147483648 is too large: the limit is 2147483647"),
+    ("num_redundant_experts", 2**31, r"num_redundant_experts=2147483648 is too large: the "
+                                     r"limit is 2147483647 \(physical slot ids"),
+    ("num_nodes", 2**31, r"num_nodes=2147483648 is too large"),
+    ("num_groups", 2**40, r"num_groups=1099511627776 is too large"),
+    ("ranks_per_node", 2**31, r"ranks_per_node=2147483648 is too large"),
+    ("layers_per_transfer", 2**31, r"layers_per_transfer=2147483648 is too large"),
 ])
 def test_config_fields_are_checked(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         EplbConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_every_int_field_has_a_limit_and_the_limit_itself_is_accepted() -> None:
+    from eplb_fsm._runtime.config import LIMITS
+
+    ints = {f.name for f in fields(EplbConfig) if "int" in str(f.type)}
+    assert ints == set(LIMITS)
+    for name, (limit, _) in LIMITS.items():
+        assert getattr(EplbConfig(**{name: limit}), name) == limit  # type: ignore[arg-type]
 
 
 def test_unknown_policy_and_options_are_refused_at_runtime_creation() -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb_fsm._runtime.load_window import LoadWindow, physical_to_logical_load
+from eplb_fsm._runtime.load_window import LOAD_LIMIT, LoadWindow, physical_to_logical_load
 
 
 def test_passes_count_for_the_experts_that_were_in_their_slots_then() -> None:
@@ -69,3 +70,52 @@ def test_snapshot_sums_every_pass_under_its_own_map(size: int, seed: int,
     for load, p2l in kept:
         expected += physical_to_logical_load(load, p2l, experts)
     np.testing.assert_array_equal(window.snapshot().logical(), expected)
+
+
+def test_a_window_sum_beyond_int64_is_an_overflow_error_not_a_wrapped_load() -> None:
+    # Two records of 2**62 sum to 2**63: int64 wraps to -2**63, which planning
+    # reported as "negative" load.
+    window = LoadWindow(4, 1, 2, 2, torch.device("cpu"))
+    window.set_map(np.array([[0, 1]]))
+    for _ in range(2):
+        window.record(torch.tensor([[2**62, 0]]))
+    with pytest.raises(ValueError, match=r"load overflow: .* count of 4611686018427387904 "
+                                         r"for one slot .* 2 records could sum beyond int64"):
+        window.snapshot().logical()
+
+
+def test_a_layer_total_at_2_pow_53_is_an_overflow_error() -> None:
+    window = LoadWindow(2, 2, 2, 1, torch.device("cpu"))
+    window.set_map(np.array([[0, 0], [0, 0]]))
+    window.record(torch.tensor([[1, 2], [2**52, 2**52]]))
+    with pytest.raises(ValueError, match=r"load overflow: layer 1's load .* at or above the "
+                                         r"limit 2\*\*53"):
+        window.snapshot().logical()
+
+
+def test_a_layer_total_just_below_the_limit_is_summed_exactly() -> None:
+    window = LoadWindow(2, 1, 3, 2, torch.device("cpu"))
+    window.set_map(np.array([[0, 0, 1]]))
+    window.record(torch.tensor([[2**51, 2**51, 2**51]]))
+    window.record(torch.tensor([[2**50, 2**50 - 1, 0]]))
+    # 2**53 - 1 in all: below the limit, every partial sum exact in float64.
+    expected = [[2**52 + 2**51 - 1, 2**51]]
+    assert sum(expected[0]) == LOAD_LIMIT - 1
+    np.testing.assert_array_equal(window.snapshot().logical(), expected)
+
+
+def test_the_check_forgets_records_that_left_the_ring() -> None:
+    window = LoadWindow(1, 1, 1, 1, torch.device("cpu"))
+    window.set_map(np.array([[0]]))
+    window.record(torch.tensor([[2**60]]))
+    with pytest.raises(ValueError, match="load overflow"):
+        window.snapshot().logical()
+    window.record(torch.tensor([[5]]))  # overwrites the huge record
+    np.testing.assert_array_equal(window.snapshot().logical(), [[5]])
+
+
+def test_a_ring_that_cannot_be_allocated_names_the_config_fields() -> None:
+    with pytest.raises(ValueError, match=r"load window cannot be allocated on cpu: "
+                                         r"4611686018427387904 entries x 2 layers x 8 slots"
+                                         r"(.|\n)*EplbConfig\.window_size"):
+        LoadWindow(2**62, 2, 8, 4, torch.device("cpu"))

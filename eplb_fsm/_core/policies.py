@@ -21,6 +21,11 @@
     fall back to, relabeled onto the old placement; ``max_rounds`` (int >= 0,
     default 64): cap on search rounds (each makes one replica move or one
     batch of swaps per layer); 0 leaves only "old" or "fresh" per layer.
+
+``time`` (global; opt-in): balances modelled layer time instead of tokens,
+    from a `CostModel` of a slot's time as a function of its rows; never
+    modelled slower than ``default``. Registered by `time_policy`, imported
+    at the end of this module; its options are documented there.
 """
 
 from __future__ import annotations
@@ -187,3 +192,5 @@ register_policy("refined", _refined_policy, check_options=check_refined_options,
                 keeps_nodes=False)
 register_policy("incremental", _incremental_policy, check_options=check_incremental_options,
                 keeps_nodes=False, needs_old_placement=True)
+
+from . import time_policy as _time_policy  # noqa: E402, F401  (registers "time")

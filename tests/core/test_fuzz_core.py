@@ -49,6 +49,7 @@ from eplb_fsm import EplbConfig, Placement, available_policies, plan
 from eplb_fsm import balancedness as _balancedness
 from eplb_fsm import rank_load_from_logical as _rank_load
 from eplb_fsm._cli.files import read_load, read_placement, write_placement
+from eplb_fsm._core.cost_model import CostModel
 from eplb_fsm._core.planning import check_policy_options, policy_needs_old_placement
 from eplb_fsm._core.transfer_plan import (
     LayerPlan,
@@ -218,6 +219,12 @@ def valid_options(policy: str) -> st.SearchStrategy[Mapping[str, Any] | None]:
         }))
     if policy in ("default", "global"):
         return st.one_of(st.none(), st.just({}))
+    if policy == "time":
+        return st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+            "passes": st.one_of(st.floats(0.01, 1e4), st.integers(1, 1000)),
+            "rounds": st.integers(0, 64),
+            "cost_model": st.sampled_from([None, CostModel.roofline(1e12, 1e14)]),
+        }))
     return st.none()  # a policy registered later: its defaults
 
 
@@ -338,6 +345,12 @@ def bad_options(draw: st.DrawFn, policy: str) -> Any:
                                                   "", ["default"])]
                     + [{"max_rounds": v} for v in (-1, 2.5, False, "8", None)]
                     + [{"tolerance": 0.1, "typo": 1}])
+        return draw(st.sampled_from(generic + specific))
+    if policy == "time":
+        specific = ([{"passes": v} for v in (0, -1.0, math.nan, math.inf, True, "2", None)]
+                    + [{"rounds": v} for v in (-1, 1.5, False, "8")]
+                    + [{"cost_model": v} for v in (5, [1.0], {"format": "other"},
+                                                   "/no/such/cost_model.json")])
         return draw(st.sampled_from(generic + specific))
     # Policies without an options checker take none: any non-empty mapping is bad.
     return draw(st.sampled_from([*generic, {"rounds": 3}, {"tolerance": 0.1}]))

@@ -14,9 +14,12 @@ as imbalance:
   order per layer), split evenly over an expert's replicas, each slot reading
   the first rows of one random input buffer; placements are planned on that
   same pass (the drift cases plan on a window of earlier passes instead);
-- placements interleaved (the order rotates every repeat), ``--repeats``
-  repeats of every rank's time; a rank of up to 16384 rows runs as one CUDA
-  graph, a larger one eagerly (its GEMMs then far outlast their launches);
+- placements interleaved (the order rotates every repeat) and ranks run in a
+  fresh random order every repeat; ``--repeats`` timings of every rank (10
+  up to 512 tokens/rank, 3 above); each rank's slots run as one CUDA graph
+  (what engines replay in decode), replayed once untimed first, and the GPU
+  spins for a millisecond before each timed block so that no launch is
+  waited for inside it;
 - the noise printed next to every spread: ``spread`` is the std over ranks of
   a rank's mean time, ``noise`` the std over repeats of one rank's reading
   (pooled), both in % of the mean rank time; ``± `` after time balancedness
@@ -37,7 +40,7 @@ averaged over layers); the same modelled by the calibrated cost model; the
 speed-up over the initial layout. Then plan time per policy, on the host's
 CPU, for 58 layers x 256 experts, and a check of the goals.
 
-    python benchmarks/balance_gain.py [--repeats 4] [--layers 2] [--out DIR]
+    python benchmarks/balance_gain.py [--repeats 10] [--prefill-repeats 3] [--out DIR]
     python benchmarks/balance_gain.py --dry-run   # CPU, tiny sizes, a minute
 
 Writes ``balance_gain.txt`` (every table), ``balance_gain.json`` (every
@@ -195,11 +198,18 @@ def measure_case(bench: SlotBench, case: Case, places: dict[str, Placement],
                 if key not in cache:
                     cache[key] = bench.runner(key)
             blocks[name] = [cache[k] for k in keys]
-        bench.time_blocks(blocks[names[0]])  # first replay of fresh graphs: not timed
+        for name in names:  # first replay of fresh graphs: not timed
+            bench.time_blocks(blocks[name])
+        order_rng = np.random.default_rng(lay)
         for rep in range(repeats):
+            # Placements rotate; ranks run in a fresh random order each repeat
+            # (the same for every placement), so no rank owes its time to its
+            # position in the block.
+            order = order_rng.permutation(case.ranks)
             shift = rep % len(names)
             for name in names[shift:] + names[:shift]:
-                times[name][rep, lay] = bench.time_blocks(blocks[name])
+                got = bench.time_blocks([blocks[name][r] for r in order])
+                times[name][rep, lay, order] = got
         del cache, blocks
     return {name: figures(times[name], rows_of[name], case.ranks, model) for name in names}
 
@@ -214,8 +224,9 @@ def figures(t: np.ndarray, rows: np.ndarray, ranks: int, model: CostModel) -> di
         return float((m.mean(axis=1) / m.max(axis=1)).mean())
 
     rng = np.random.default_rng(0)
-    boot = [time_bal(t[rng.integers(0, t.shape[0], t.shape[0])].mean(axis=0))
-            for _ in range(200)]
+    resampled = [t[rng.integers(0, t.shape[0], t.shape[0])].mean(axis=0) for _ in range(200)]
+    boot = [time_bal(m) for m in resampled]
+    boot_ms = [m.max(axis=1).mean() * 1e3 for m in resampled]
     scale = mean.mean(axis=1, keepdims=True)
     noise = float(np.sqrt((t.var(axis=0, ddof=1) / scale**2).mean())) if t.shape[0] > 1 else 0.0
     modelled = model.rank_seconds(rows, ranks)
@@ -225,6 +236,7 @@ def figures(t: np.ndarray, rows: np.ndarray, ranks: int, model: CostModel) -> di
         "spread_pct": float((mean.std(axis=1) / scale[:, 0]).mean() * 100),
         "noise_pct": noise * 100,
         "layer_ms": float(mean.max(axis=1).mean() * 1e3),
+        "layer_ms_noise": float(np.std(boot_ms)),
         "model_ms": float(modelled.max(axis=1).mean() * 1e3),
         "model_time_bal": time_bal(modelled),
         "rank_seconds": t.tolist(), "slot_rows": rows.tolist(),
@@ -275,22 +287,28 @@ def table(case: Case, figs: dict[str, dict[str, Any]]) -> list[str]:
 
 def goals(results: list[tuple[Case, dict[str, dict[str, Any]]]],
           plans: list[tuple[str, dict[str, float]]]) -> list[str]:
-    lines = ["Goals"]
+    lines = ["Goals (noise: 2 bootstrap std over repeats; a difference within it is a tie)"]
     for case, figs in results:
         t, ref, dft = figs["time"], figs["refined"], figs["default"]
-        if case.tokens <= 256 and not case.drift:
-            beyond = 1 - t["time_bal"] < 1 - ref["time_bal"] - 2 * ref["time_bal_noise"]
-            ok = t["time_bal"] >= 0.98
-            lines.append(f"  decode  {case.title[:45]:<45} time bal: time {t['time_bal']:.4f}"
-                         f"±{t['time_bal_noise']:.4f} refined {ref['time_bal']:.4f} default "
-                         f"{dft['time_bal']:.4f}  >=0.98: {'yes' if ok else 'NO'}, better "
-                         f"than refined beyond noise: {'yes' if beyond else 'no'}")
-        elif case.tokens > 256:
+        short = f"EP {case.ranks}, {case.tokens} tok, Zipf {case.zipf}" + (
+            ", drift" if case.drift else "")
+        if case.tokens <= 256:
+            bal, err = t["time_bal"], 2 * t["time_bal_noise"]
+            verdict = ("yes, beyond noise" if bal - err >= 0.98 else
+                       "within noise" if bal + err >= 0.98 else "NO")
+            gap = 2 * np.hypot(t["time_bal_noise"], ref["time_bal_noise"])
+            vs = ("higher" if bal - ref["time_bal"] > gap else
+                  "lower" if ref["time_bal"] - bal > gap else "tie")
+            lines.append(f"  decode  {short:<32} time bal: time {bal:.4f}±{err:.4f}, refined "
+                         f"{ref['time_bal']:.4f}, default {dft['time_bal']:.4f}; >= 0.98: "
+                         f"{verdict}; vs refined: {vs}")
+        else:
             ratio = t["layer_ms"] / dft["layer_ms"]
-            tol = 2 * dft["noise_pct"] / 100 / np.sqrt(len(t["rank_seconds"]))
-            lines.append(f"  prefill {case.title[:45]:<45} layer ms: time {t['layer_ms']:.3f} "
-                         f"default {dft['layer_ms']:.3f} ({ratio:.4f}x)  not slower: "
-                         f"{'yes' if ratio <= 1 + tol else 'NO'}")
+            gap = 2 * np.hypot(t["layer_ms_noise"], dft["layer_ms_noise"])
+            verdict = ("faster" if dft["layer_ms"] - t["layer_ms"] > gap else
+                       "SLOWER" if t["layer_ms"] - dft["layer_ms"] > gap else "tie")
+            lines.append(f"  prefill {short:<32} layer ms: time {t['layer_ms']:.3f}, default "
+                         f"{dft['layer_ms']:.3f} ({ratio:.3f}x, noise ±{gap:.3f}): {verdict}")
     for title, row in plans:
         ratio = row["time"] / row["refined"]
         lines.append(f"  plan time {title}: time {row['time'] * 1e3:.1f} ms, refined "
@@ -310,7 +328,11 @@ def commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes")
-    ap.add_argument("--repeats", type=int, default=4, help="timings of every rank")
+    ap.add_argument("--repeats", type=int, default=10,
+                    help="timings of every rank, cases up to 512 tokens/rank")
+    ap.add_argument("--prefill-repeats", type=int, default=3,
+                    help="timings of every rank above 512 tokens/rank")
+    ap.add_argument("--commit", default=None, help="commit to print (default: git HEAD)")
     ap.add_argument("--layers", type=int, default=2,
                     help="layers (Zipf orders) per case up to 512 tokens/rank")
     ap.add_argument("--prefill-layers", type=int, default=1,
@@ -319,8 +341,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    if args.repeats < 2 or args.layers < 1 or args.prefill_layers < 1:
-        raise SystemExit("--repeats must be >= 2, --layers and --prefill-layers >= 1")
+    if min(args.repeats, args.prefill_repeats) < 2 or min(args.layers, args.prefill_layers) < 1:
+        raise SystemExit("--repeats and --prefill-repeats must be >= 2, --layers and "
+                         "--prefill-layers >= 1")
+    sha = args.commit or commit()
     setup = DRY if args.dry_run else GPU
     if setup.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run for the CPU version")
@@ -339,9 +363,9 @@ def main() -> int:
     roofline = CostModel.roofline(hidden=setup.hidden, intermediate=setup.intermediate,
                                   dtype_bytes=bench.x.element_size())
     models = {"calibrated": calibrated, "roofline": roofline}
-    head = [f"balance_gain: {card}, torch {torch.__version__}, commit {commit()}, "
-            f"{args.repeats} repeats, {args.layers} layers per case "
-            f"({args.prefill_layers} above 512 tokens/rank)"
+    head = [f"balance_gain: {card}, torch {torch.__version__}, commit {sha}; per case "
+            f"{args.layers} layers x {args.repeats} repeats up to 512 tokens/rank, "
+            f"{args.prefill_layers} x {args.prefill_repeats} above"
             f"{' (dry run: tiny sizes)' if args.dry_run else ''}",
             f"expert {setup.hidden}x{setup.intermediate} {str(setup.dtype)[6:]}, "
             f"{setup.experts} experts, top-{setup.topk}; cost model {calibrated.describe()}",
@@ -351,7 +375,8 @@ def main() -> int:
     text = args.out / "balance_gain.txt"  # rewritten after every case: a cut run keeps its part
     for case, (load, passes, measured) in zip(all_cases, loads, strict=True):
         places = placements(case, load, passes, models)
-        figs = measure_case(bench, case, places, measured, args.repeats, calibrated)
+        repeats = args.repeats if case.tokens <= 512 else args.prefill_repeats
+        figs = measure_case(bench, case, places, measured, repeats, calibrated)
         results.append((case, figs))
         block = table(case, figs)
         print("\n".join(block), flush=True)
@@ -370,8 +395,9 @@ def main() -> int:
     print("\n".join(["", *plan_lines, "", *goal_lines]), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     text.write_text("\n".join(lines) + "\n")
-    doc = {"card": card, "torch": torch.__version__, "commit": commit(),
-           "repeats": args.repeats, "layers": args.layers, "cost_model": calibrated.to_dict(),
+    doc = {"card": card, "torch": torch.__version__, "commit": sha,
+           "repeats": [args.repeats, args.prefill_repeats],
+           "layers": [args.layers, args.prefill_layers], "cost_model": calibrated.to_dict(),
            "cases": [{"case": c.__dict__, "figures": f} for c, f in results],
            "plan_seconds": plans}
     (args.out / "balance_gain.json").write_text(json.dumps(doc))

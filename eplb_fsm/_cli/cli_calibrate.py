@@ -36,6 +36,8 @@ from .args import HelpFormatter, check_output_file, positive_int
 
 __all__ = ["SlotBench", "add_parser", "calibrate", "default_grid", "warm_up"]
 
+#: GPU clock cycles `SlotBench.time_blocks` spins before timing (~1 ms on Hopper).
+LEAD_CYCLES = 2_000_000
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -95,18 +97,14 @@ class SlotBench:
         a.mul_(h[:, i:])
         torch.mm(a, self.w2[expert].t(), out=self.out[:rows])
 
-    def runner(self, slots: Sequence[tuple[int, int]],
-               graph_rows: int = 16384) -> Callable[[], None]:
-        """A callable that runs `slots` ([(expert, rows)]) in turn: on CUDA, a
-        CUDA graph (captured here, after one eager run) when the slots hold at
-        most `graph_rows` rows in all; else, and on CPU, the eager loop (with
-        that many rows the GEMMs far outlast their launches)."""
+    def runner(self, slots: Sequence[tuple[int, int]]) -> Callable[[], None]:
+        """A callable that runs `slots` ([(expert, rows)]) in turn: a CUDA graph
+        on CUDA (captured here, after one eager run), the eager loop on CPU."""
         def eager() -> None:
             for expert, rows in slots:
                 self.slot(expert, rows)
 
-        total = sum(rows for _, rows in slots)
-        if not self.cuda or total == 0 or total > graph_rows:
+        if not self.cuda or not any(rows > 0 for _, rows in slots):
             return eager
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -119,7 +117,13 @@ class SlotBench:
         return graph.replay
 
     def time_blocks(self, blocks: Sequence[Callable[[], None]]) -> list[float]:
-        """Seconds each of `blocks` takes, run back to back, on the device clock."""
+        """Seconds each of `blocks` takes, run back to back, on the device clock.
+
+        On CUDA the GPU first spins for about a millisecond (`LEAD_CYCLES`)
+        while the host enqueues the blocks: without it the first block's start
+        event fires on an idle GPU before its launch has even been issued, and
+        the first block reads 10-30% slow (seen on an H100: the first of 32
+        ranks was the slowest in every decode case)."""
         if not self.cuda:
             out = []
             for block in blocks:
@@ -128,6 +132,7 @@ class SlotBench:
                 out.append(time.perf_counter() - start)
             return out
         events = [torch.cuda.Event(enable_timing=True) for _ in range(len(blocks) + 1)]
+        torch.cuda._sleep(LEAD_CYCLES)
         events[0].record()
         for block, end in zip(blocks, events[1:], strict=True):
             block()

@@ -14,6 +14,14 @@ Runs on CPU: it spawns ``--ranks`` gloo processes with
     python examples/asyncio_serving_loop.py
     python examples/asyncio_serving_loop.py --ranks 4 --steps 240
 
+`run_ranks` starts each rank as a fresh (spawned) Python process that
+imports this file: a script that calls it must do so under
+``if __name__ == "__main__":``, as this one does at the bottom, and the
+function each rank runs must be defined at module level, so it pickles.
+Without the guard each spawned rank, importing the file, would try to launch
+ranks of its own, and the run fails with multiprocessing's RuntimeError about
+the "bootstrapping phase".
+
 Prints measured balancedness (mean/max per-rank token load per layer,
 averaged over layers) over the first and last passes, the rebalances, the
 hook's events, and two checks: the outputs still equal a dense
@@ -105,5 +113,6 @@ def main() -> None:
           f"{'yes' if all(r['history'] == first['history'] for r in results) else 'NO'}")
 
 
+# The guard is required: run_ranks spawns processes that import this file.
 if __name__ == "__main__":
     main()

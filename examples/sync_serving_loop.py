@@ -139,5 +139,6 @@ def main() -> None:
           f"{'yes' if all(r['same'] for r in results) else 'NO'}")
 
 
+# The guard is required: run_ranks spawns processes that import this file.
 if __name__ == "__main__":
     main()

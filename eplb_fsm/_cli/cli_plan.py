@@ -19,20 +19,11 @@ import numpy as np
 from .._core import policies as _policies  # noqa: F401  (registers refined, incremental)
 from .._core.balance import balancedness_per_layer, rank_load_from_logical
 from .._core.placement import Placement
-from .._core.planning import available_policies, plan
-from .files import read_load, read_placement, write_placement
+from .._core.planning import available_policies, plan, policy_needs_old_placement
+from .args import HelpFormatter, check_output_file, positive_int
+from .files import PLACEMENT_SUFFIXES, check_suffix, read_load, read_placement, write_placement
 
 __all__ = ["add_parser", "policy_option", "positive_int"]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def policy_option(text: str) -> tuple[str, Any]:
@@ -54,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="plan a placement for a recorded load",
         description="Plan a placement for a load file ([layers, experts] as .npy, .pt or "
         ".json) and print per-layer balancedness before and after.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("load", type=Path, help="load file, [layers, experts]")
     p.add_argument("-P", "--num-physical-experts", type=positive_int, required=True,
@@ -70,12 +62,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "'before' figures and moved slots are measured against it")
     p.add_argument("--minimize-moves", action=argparse.BooleanOptionalAction, default=None,
                    help="relabel the plan's ranks and slots to keep experts of the old "
-                   "placement in place (default: on with --old)")
+                   "placement in place (default: on with --old; off, experts a rank keeps "
+                   "still keep their slots)")
     p.add_argument("-o", "--output", type=Path, help="write the placement (.npz or .json)")
     p.set_defaults(func=_run_plan)
 
 
 def _run_plan(args: argparse.Namespace) -> int:
+    if args.output is not None:  # before any work: a plan that cannot be saved is not printed
+        check_output_file(args.output, "-o/--output")
+        check_suffix(args.output, PLACEMENT_SUFFIXES, "-o/--output")
+    if args.policy not in available_policies():
+        raise ValueError(f"--policy {args.policy!r} is unknown; known policies: "
+                         f"{', '.join(available_policies())}")
     load = read_load(args.load, ndim=2)
     num_layers, num_logical = load.shape
     if args.old is not None:
@@ -87,9 +86,11 @@ def _run_plan(args: argparse.Namespace) -> int:
         old = Placement.initial(num_layers, num_logical, args.num_physical_experts)
     minimize = args.old is not None if args.minimize_moves is None else args.minimize_moves
     options = dict(args.option)
+    # The initial layout is only the 'before' baseline, unless the policy plans from it.
+    given_old = old if args.old is not None or policy_needs_old_placement(args.policy) else None
     new = plan(load, args.num_physical_experts, args.num_groups, args.num_nodes,
-               args.num_ranks, policy=args.policy, old_placement=old,
-               minimize_moves=minimize, policy_options=options)
+               args.num_ranks, policy=args.policy, old_placement=given_old,
+               minimize_moves=minimize and given_old is not None, policy_options=options)
     before = balancedness_per_layer(rank_load_from_logical(load, old, args.num_ranks))
     after = balancedness_per_layer(rank_load_from_logical(load, new, args.num_ranks))
     changed = (old.physical_to_logical != new.physical_to_logical).sum(axis=1)

@@ -10,20 +10,28 @@ pass STEP (elastic EP, docs/elastic.md): RANKS is a count N (global ranks
 0..N-1: shrinking drops the highest ranks, growing adds the next ones) or a
 comma-separated list of global ranks (``80:0,1,3`` drops rank 2 of four).
 Enough processes for every set are spawned; the spare ones idle.
+
+Ctrl-C (or ``--timeout``) kills the spawned ranks at once: they start with
+SIGINT ignored, so a terminal's Ctrl-C reaches only this process, which ends
+the run with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from .._adapters.launch import RankFailed, run_ranks
 from .._core.planning import available_policies
-from .._sim.report import build_report, format_summary, write_report
+from .._sim.report import REPORT_FILES, build_report, format_summary, write_report
 from .._sim.simulate import SimulateOptions, run_rank
-from .cli_plan import positive_int
+from .args import HelpFormatter, check_output_dir, positive_int
 
 __all__ = ["add_parser"]
 
@@ -86,9 +94,11 @@ def _check_scale_at(points: list[tuple[int, tuple[int, ...]]], args: argparse.Na
             raise ValueError(f"{where}: STEP must be below --steps={args.steps}, so that "
                              "passes follow the scale")
         if len(new) * slots < args.experts:
+            fits = max(-(-args.experts // len(r)) * ranks - args.experts for _, r in points)
             raise ValueError(f"{where}: {len(new)} ranks x {slots} slots per rank = "
                              f"{len(new) * slots} slots cannot hold --experts={args.experts} "
-                             "(slots per rank stay (--experts + --redundant) / --ranks)")
+                             "(slots per rank stay (--experts + --redundant) / --ranks); "
+                             f"--redundant {fits} would fit")
         if new == current:
             raise ValueError(f"{where}: the ranks {list(new)} already serve")
         if not set(new) & set(current):
@@ -103,41 +113,51 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "simulate", help="run the reference MoE model with the balancer on R ranks",
         description="Serve a skewed, drifting trace with the reference expert-parallel MoE "
         "model on R ranks and report balancedness, rebalances, step() overhead and output "
-        "invariance. Spawns gloo CPU processes, or runs under torchrun.")
+        "invariance. Spawns gloo CPU processes, or runs under torchrun.",
+        formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=("async", "sync", "off"), default=d.mode,
                    help="async: the runtime; sync: rearrange inside the triggering step; "
                    "off: no balancing")
     p.add_argument("--ranks", type=positive_int, default=d.ranks, help="ranks to spawn")
     p.add_argument("--steps", type=positive_int, default=d.steps, help="forward passes")
-    p.add_argument("--layers", type=positive_int, default=d.layers)
+    p.add_argument("--layers", type=positive_int, default=d.layers, help="MoE layers")
     p.add_argument("--experts", type=positive_int, default=d.experts, help="logical experts")
     p.add_argument("--redundant", type=int, default=d.redundant, help="redundant slots")
-    p.add_argument("--top-k", type=positive_int, default=d.top_k)
+    p.add_argument("--top-k", type=positive_int, default=d.top_k,
+                   help="experts each token is routed to")
     p.add_argument("--tokens", type=positive_int, default=d.tokens,
                    help="tokens per rank per pass")
-    p.add_argument("--hidden", type=positive_int, default=d.hidden)
-    p.add_argument("--intermediate", type=positive_int, default=d.intermediate)
+    p.add_argument("--hidden", type=positive_int, default=d.hidden, help="hidden size")
+    p.add_argument("--intermediate", type=positive_int, default=d.intermediate,
+                   help="expert intermediate size")
     p.add_argument("--groups", type=positive_int, default=d.groups, help="expert groups")
-    p.add_argument("--nodes", type=positive_int, default=d.nodes)
+    p.add_argument("--nodes", type=positive_int, default=d.nodes,
+                   help="nodes the ranks are spread over (for the hierarchical policy)")
     p.add_argument("--policy", default=d.policy,
                    help=f"planning policy (known: {', '.join(available_policies())})")
-    p.add_argument("--window-size", type=positive_int, default=d.window_size)
-    p.add_argument("--step-interval", type=positive_int, default=d.step_interval)
-    p.add_argument("--readiness-lag", type=positive_int, default=d.readiness_lag)
+    p.add_argument("--window-size", type=positive_int, default=d.window_size,
+                   help="passes of load the planner sees (EplbConfig.window_size)")
+    p.add_argument("--step-interval", type=positive_int, default=d.step_interval,
+                   help="passes between rebalances (EplbConfig.step_interval)")
+    p.add_argument("--readiness-lag", type=positive_int, default=d.readiness_lag,
+                   help="passes between a readiness round and acting on it "
+                   "(EplbConfig.readiness_lag)")
     p.add_argument("--exponent", type=_nonneg_float, default=d.exponent,
                    help="Zipf exponent of expert popularity")
     p.add_argument("--drift", type=_fraction, default=d.drift,
                    help="fraction of popularity mass that moves per step")
-    p.add_argument("--shift-at", type=positive_int, nargs="*", default=list(d.shift_steps),
-                   help="steps at which the hot set changes suddenly")
+    p.add_argument("--shift-at", type=positive_int, nargs="*", default=None,
+                   help="steps at which the hot set changes suddenly; none after the flag: "
+                   "no shift (default: "
+                   f"{' '.join(map(str, d.shift_steps))}, those within --steps)")
     p.add_argument("--trace", type=Path, help="replay a recorded [steps, layers, experts] load")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights, tokens and trace")
     p.add_argument("--check-every", type=positive_int, default=d.check_every,
                    help="compare outputs with a dense evaluation every N passes")
     p.add_argument("--fast", action="store_true",
                    help="plain matmuls instead of the bit-exact products: for large models "
                    "(GPU); invariance is then checked within a tolerance")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
                    help="expert weight dtype (compute stays float32)")
     p.add_argument("--scale-at", type=_scale_point, action="append", default=[],
                    metavar="STEP:RANKS",
@@ -145,8 +165,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(ranks 0..N-1) or a list of global ranks, e.g. 80:2 or 80:0,1,3; enough "
                    "processes for every set are spawned, spare ones idle")
     p.add_argument("--timeout", type=positive_int, default=900,
-                   help="seconds before a stuck run is killed")
-    p.add_argument("--report", type=Path, help="write report.json (and PNG plots) here")
+                   help="seconds the whole run may take before its ranks are killed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every flag and file as a run would, print what it would run, "
+                   "and exit without starting a process")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="write report.json (and, with the plot extra, PNG plots) into DIR, "
+                   "created if missing; checked before the run")
     p.set_defaults(func=_run)
 
 
@@ -169,8 +194,14 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
                          f"{', '.join(available_policies())}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    if args.shift_at is None:  # the default shifts, where the run reaches them
+        args.shift_at = [step for step in SimulateOptions().shift_steps if step <= args.steps]
     if sorted(set(args.shift_at)) != list(args.shift_at):
         raise ValueError("--shift-at steps must be strictly increasing")
+    beyond = [step for step in args.shift_at if step > args.steps]
+    if beyond:
+        raise ValueError(f"--shift-at {beyond[0]}: STEP must be <= --steps={args.steps}, or "
+                         "the shift never happens")
     _check_scale_at(args.scale_at, args, ranks)
     trace_file = None
     if args.trace is not None:
@@ -193,6 +224,11 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
         exact=not args.fast, dtype=args.dtype, scale_at=tuple(args.scale_at))
     opts.eplb_config()  # the runtime's own checks, before any process starts
     opts.moe_config()
+    if args.report is not None:
+        check_output_dir(args.report, "--report", create=not args.dry_run)
+        for name in REPORT_FILES:
+            if (args.report / name).is_dir():
+                raise ValueError(f"--report {args.report}: {name} there is a directory")
     return opts
 
 
@@ -202,19 +238,90 @@ def _under_torchrun() -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     if _under_torchrun():
         if args.scale_at:
             raise ValueError("--scale-at runs on spawned gloo ranks only; under torchrun the "
                              "world's size is fixed by the launcher, so run it without torchrun")
         return _run_torchrun(args)
     opts = _options(args, args.ranks)
-    try:
-        results = run_ranks(run_rank, opts.world, opts, timeout=args.timeout)
-    except RankFailed as exc:
-        last = str(exc).strip().splitlines()
-        raise ValueError(f"the run failed: {last[0]} ... {last[-1]}") from exc
-    _finish(args, build_report(opts, results))
+    _finish(args, build_report(opts, _run_spawned(opts, args.timeout)))
     return 0
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    torchrun = _under_torchrun()
+    if torchrun and args.scale_at:
+        raise ValueError("--scale-at runs on spawned gloo ranks only")
+    ranks = int(os.environ["WORLD_SIZE"]) if torchrun else args.ranks
+    opts = _options(args, ranks)
+    launch = ("the torchrun processes" if torchrun else
+              f"{opts.world} spawned gloo CPU processes"
+              + (f" ({opts.world - ranks} idle until a scale event)" if opts.world > ranks
+                 else ""))
+    scale = "".join(f"; after pass {step} serve on ranks {list(r)}" for step, r in opts.scale_at)
+    print(f"eplb-fsm simulate --dry-run: flags OK; would run mode={opts.mode}, {opts.steps} "
+          f"steps on {launch}, {opts.layers} layers x {opts.experts} experts + "
+          f"{opts.redundant} redundant, policy {opts.policy!r}{scale}"
+          + (f"; report to {args.report}" if args.report is not None else ""))
+    return 0
+
+
+def _run_spawned(opts: SimulateOptions, timeout: int) -> list[Any]:
+    """`run_ranks` on a helper thread, while this (main) thread takes Ctrl-C and the
+    deadline and, on either, kills the ranks at once instead of waiting for them.
+
+    The ranks start with SIGINT ignored (a disposition that survives exec), so a
+    terminal's Ctrl-C, sent to the whole process group, reaches only this process:
+    no rank prints a traceback of its own. A Ctrl-C during the few milliseconds
+    of process creation is ignored.
+    """
+    outcome: dict[str, Any] = {}
+
+    def launch() -> None:
+        try:  # the grace lets run_ranks' own deadline lose to the one below
+            outcome["results"] = run_ranks(run_rank, opts.world, opts, timeout=timeout + 60)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=launch, name="eplb-fsm-ranks", daemon=True)
+    deadline = time.monotonic() + timeout
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
+    try:
+        thread.start()
+        while (thread.is_alive() and len(mp.active_children()) < opts.world
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
+    finally:
+        if on_main:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(0.1)
+    finally:  # on Ctrl-C, the deadline or success alike: no rank outlives this call
+        _stop(thread)
+    if "results" in outcome:
+        return list(outcome["results"])
+    if time.monotonic() >= deadline:
+        raise ValueError(f"the run did not finish within --timeout={timeout} s; its ranks "
+                         "were killed (raise --timeout for larger runs)")
+    error = outcome.get("error")
+    if isinstance(error, RankFailed):
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        raise ValueError(f"the run failed: {summary}") from error
+    raise RuntimeError("the ranks' launcher ended without a result") from error
+
+
+def _stop(thread: threading.Thread) -> None:
+    """Kill the ranks until the launcher returns: it may still be starting some."""
+    end = time.monotonic() + 5
+    while thread.is_alive() and time.monotonic() < end:
+        for child in mp.active_children():
+            child.kill()
+        thread.join(0.05)
 
 
 def _run_torchrun(args: argparse.Namespace) -> int:
@@ -241,5 +348,8 @@ def _run_torchrun(args: argparse.Namespace) -> int:
 def _finish(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(format_summary(report))
     if args.report is not None:
-        for path in write_report(report, args.report):
+        written = write_report(report, args.report)
+        for path in written:
             print(f"wrote {path}")
+        if not any(path.suffix == ".png" for path in written):
+            print("no plots: matplotlib is not installed (pip install 'eplb-fsm[plot]')")

@@ -19,18 +19,21 @@ import numpy.typing as npt
 from .._core.arrays import as_real_array
 from .._core.placement import Placement
 
-__all__ = ["read_load", "read_placement", "write_placement"]
+__all__ = ["LOAD_SUFFIXES", "PLACEMENT_SUFFIXES", "check_suffix", "read_load", "read_placement",
+           "write_placement"]
 
 LOAD_SUFFIXES = (".npy", ".pt", ".json")
 PLACEMENT_SUFFIXES = (".npz", ".json")
 
 
-def _suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:
+def check_suffix(path: Path, allowed: tuple[str, ...], what: str) -> str:
+    """`path`'s lower-cased suffix, if `allowed`; else a ValueError naming `what`."""
     suffix = path.suffix.lower()
     if suffix not in allowed:
-        raise ValueError(f"{what} file {path}: unknown suffix {suffix!r}; use one of "
+        raise ValueError(f"{what} {path}: unknown suffix {suffix!r}; use one of "
                          f"{', '.join(allowed)}")
     return suffix
+
 
 
 def _read_json(path: Path) -> Any:
@@ -44,15 +47,40 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
+_JSON_LOAD_FORMAT = ('a nested list of token counts ([layers][experts], or '
+                     '[steps][layers][experts]), or an object {"load": <that list>}')
+
+
+def _json_load(path: Path, data: Any) -> Any:
+    """The load array of a JSON load file, or a ValueError saying the expected format."""
+    if isinstance(data, dict):
+        if "load" not in data:
+            keys = ", ".join(repr(k) for k in list(data)[:5]) or "none"
+            raise ValueError(f"{path}: a JSON object needs a \"load\" key (keys found: "
+                             f"{keys}); expected {_JSON_LOAD_FORMAT}")
+        data = data["load"]
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: got a JSON {type(data).__name__}; expected "
+                         f"{_JSON_LOAD_FORMAT}")
+    try:
+        np.asarray(data, dtype=np.float64)
+    except OverflowError:
+        raise ValueError(f"{path}: a number is beyond float range") from None
+    except (ValueError, TypeError, RecursionError):
+        raise ValueError(f"{path}: not a rectangular array of numbers (rows of unequal "
+                         f"length, or entries that are not numbers); expected "
+                         f"{_JSON_LOAD_FORMAT}") from None
+    return data
+
+
 def read_load(path: str | Path, ndim: int = 2) -> npt.NDArray[np.float64]:
     """Read a load file; `ndim` is 2 ([L, E]) or 3 ([steps, L, E])."""
     path = Path(path)
-    suffix = _suffix(path, LOAD_SUFFIXES, "load")
+    suffix = check_suffix(path, LOAD_SUFFIXES, "load file")
     if not path.is_file():
         raise ValueError(f"load file {path} does not exist")
     if suffix == ".json":
-        data = _read_json(path)
-        raw = data["load"] if isinstance(data, dict) and "load" in data else data
+        raw = _json_load(path, _read_json(path))
     else:
         try:
             if suffix == ".npy":
@@ -84,7 +112,7 @@ def read_load(path: str | Path, ndim: int = 2) -> npt.NDArray[np.float64]:
 
 def read_placement(path: str | Path) -> Placement:
     path = Path(path)
-    suffix = _suffix(path, PLACEMENT_SUFFIXES, "placement")
+    suffix = check_suffix(path, PLACEMENT_SUFFIXES, "placement file")
     if not path.is_file():
         raise ValueError(f"placement file {path} does not exist")
     if suffix == ".npz":
@@ -121,7 +149,7 @@ def read_placement(path: str | Path) -> Placement:
 
 def write_placement(path: str | Path, placement: Placement) -> None:
     path = Path(path)
-    suffix = _suffix(path, PLACEMENT_SUFFIXES, "placement")
+    suffix = check_suffix(path, PLACEMENT_SUFFIXES, "placement file")
     if suffix == ".npz":
         np.savez(
             path,

@@ -14,13 +14,19 @@ so the policy reads ``request.options`` already checked. Options are a
 mapping rather than extra `plan()` keywords so that one signature (and one
 ``--option KEY=VALUE`` CLI flag) serves every policy, present and future.
 
-Placement-aware relabeling. ``plan(..., old_placement=old,
-minimize_moves=True)`` runs the chosen policy, then permutes its ranks (and
-nodes) and their slots to keep as many experts of `old` in place as possible
-(see `relabel`). Any policy works with it; load figures are unchanged. It is
-off unless asked for: `plan()` without it stays a pure function of the load,
-so ``default`` keeps matching DeepSeek's reference planner bit for bit even
-when a caller (the runtime does) always passes `old_placement`.
+Using the old placement. With ``plan(..., old_placement=old)`` the plan's
+slots are reordered within each rank so that an expert a rank keeps stays in
+the slot it has (`keep_rank_slots`, what vLLM does when handed the old map):
+same ranks, same loads, fewer copies. ``keep_slots=False`` returns the
+policy's plan as is (``default`` is then DeepSeek's planner bit for bit).
+``minimize_moves=True`` goes further: it also permutes ranks (and nodes) to
+keep as many experts of `old` in place as possible (see `relabel`); any
+policy works with it, and load figures are unchanged.
+
+Groups. ``default`` plans hierarchically (groups packed onto nodes) only when
+``num_groups % num_nodes == 0``, and globally otherwise, as DeepSeek's
+reference and vLLM do; so ``num_logical_experts % num_groups`` must be 0 only
+for a policy that plans with groups for the request (``uses_groups``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy.typing as npt
 
 from .arrays import as_real_array
 from .deepseek import rebalance_hierarchical
+from .keep_slots import keep_rank_slots
 from .placement import Placement
 from .relabel import relabel
 
@@ -48,6 +55,7 @@ __all__ = [
     "plan",
     "policy_keeps_nodes",
     "policy_needs_old_placement",
+    "policy_uses_groups",
     "register_policy",
     "run_policy",
 ]
@@ -88,6 +96,7 @@ class _Entry:
     check_options: OptionsChecker | None
     keeps_nodes: bool | Callable[[PlanRequest], bool]
     needs_old_placement: bool
+    uses_groups: bool | Callable[[PlanRequest], bool] = True
 
 
 _POLICIES: dict[str, _Entry] = {}
@@ -101,8 +110,29 @@ def register_policy(
     check_options: OptionsChecker | None = None,
     keeps_nodes: bool | Callable[[PlanRequest], bool] = True,
     needs_old_placement: bool = False,
+    uses_groups: bool | Callable[[PlanRequest], bool] = True,
 ) -> None:
     """Make `policy` available to `plan(policy=name)` and ``eplb-fsm plan --policy``.
+
+    `policy` is called as ``policy(request)`` with a `PlanRequest`: ``request.load``
+    (float64 [L, E], already checked: finite, >= 0), the shape
+    (``num_physical_experts``, ``num_groups``, ``num_nodes``, ``num_ranks``),
+    ``old_placement`` (a `Placement` or None) and ``options`` (checked by
+    `check_options`). It returns the new ``physical_to_logical``: an integer
+    array (numpy, torch, or nested lists) of shape [L, num_physical_experts] whose
+    entries are logical expert ids in [0, E), every expert at least once per
+    layer, slots ``r * P/R .. (r + 1) * P/R - 1`` on rank ``r``. `plan()` checks
+    the shape (a `ValueError` naming the policy, the expected shape and what it
+    returned) and then every invariant, through `Placement`. It must be a pure
+    function of the request (the runtime calls it on every rank and requires
+    the same answer). For example::
+
+        def round_robin(request):
+            experts = request.num_logical_experts
+            slots = np.arange(request.num_physical_experts) % experts
+            return np.tile(slots, (request.num_layers, 1))
+
+        eplb_fsm.register_policy("round_robin", round_robin, keeps_nodes=False)
 
     - `check_options`: validates ``plan(policy_options=...)`` for this policy
       (raise `ValueError` naming the option) and returns them with defaults
@@ -113,6 +143,9 @@ def register_policy(
       that ignores nodes lets it map any rank anywhere, which keeps more
       experts in place. True, the safe answer, unless said otherwise.
     - `needs_old_placement`: `plan()` rejects a call without `old_placement`.
+    - `uses_groups`: whether the policy plans with expert groups for a request
+      (a bool or a function of it); `plan()` then requires
+      ``num_logical_experts % num_groups == 0``. True, the safe answer.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"policy name must be a non-empty str, got {name!r}")
@@ -120,11 +153,13 @@ def register_policy(
         raise ValueError(f"policy {name!r} must be callable")
     if check_options is not None and not callable(check_options):
         raise ValueError(f"check_options of policy {name!r} must be callable or None")
-    if not isinstance(keeps_nodes, (bool, np.bool_)) and not callable(keeps_nodes):
-        raise ValueError(f"keeps_nodes of policy {name!r} must be a bool or callable")
+    for what, value in (("keeps_nodes", keeps_nodes), ("uses_groups", uses_groups)):
+        if not isinstance(value, (bool, np.bool_)) and not callable(value):
+            raise ValueError(f"{what} of policy {name!r} must be a bool or callable")
     if name in _POLICIES and not replace:
         raise ValueError(f"policy {name!r} is already registered (pass replace=True)")
-    _POLICIES[name] = _Entry(policy, check_options, keeps_nodes, bool(needs_old_placement))
+    _POLICIES[name] = _Entry(policy, check_options, keeps_nodes, bool(needs_old_placement),
+                             uses_groups)
 
 
 def available_policies() -> tuple[str, ...]:
@@ -166,6 +201,12 @@ def policy_keeps_nodes(name: str, request: PlanRequest) -> bool:
     return bool(keeps(request) if callable(keeps) else keeps)
 
 
+def policy_uses_groups(name: str, request: PlanRequest) -> bool:
+    """Whether policy `name` plans with expert groups for `request`."""
+    uses = _POLICIES[name].uses_groups
+    return bool(uses(request) if callable(uses) else uses)
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -200,6 +241,7 @@ def check_plan_args(
     old_placement: Any,
     minimize_moves: Any = False,
     policy_options: Any = None,
+    keep_slots: Any = True,
 ) -> PlanRequest:
     """Every rule of `plan`'s input, in one place; raises `ValueError` naming the argument."""
     arr = _as_load(load)
@@ -214,9 +256,6 @@ def check_plan_args(
         )
     if p % r:
         raise ValueError(f"num_physical_experts={p} must be divisible by num_ranks={r}")
-    if num_logical % g:
-        raise ValueError(f"number of logical experts {num_logical} must be divisible by "
-                         f"num_groups={g}")
     if r % n:
         raise ValueError(f"num_ranks={r} must be divisible by num_nodes={n}")
     if not isinstance(policy, str) or policy not in _POLICIES:
@@ -237,12 +276,20 @@ def check_plan_args(
     entry = _POLICIES[policy]
     if not isinstance(minimize_moves, (bool, np.bool_)):
         raise ValueError(f"minimize_moves must be a bool, got {minimize_moves!r}")
+    if not isinstance(keep_slots, (bool, np.bool_)):
+        raise ValueError(f"keep_slots must be a bool, got {keep_slots!r}")
     if minimize_moves and old_placement is None:
         raise ValueError("minimize_moves=True needs old_placement (the placement to keep)")
     if entry.needs_old_placement and old_placement is None:
         raise ValueError(f"policy {policy!r} needs old_placement (it plans moves from it)")
     options = _check_options(policy, entry, {} if policy_options is None else policy_options)
-    return PlanRequest(arr, p, g, n, r, old_placement, options)
+    request = PlanRequest(arr, p, g, n, r, old_placement, options)
+    if num_logical % g and policy_uses_groups(policy, request):
+        raise ValueError(
+            f"number of logical experts {num_logical} must be divisible by num_groups={g}: "
+            f"policy {policy!r} plans with groups here"
+            + (" (num_groups % num_nodes == 0)" if policy == "default" else ""))
+    return request
 
 
 def _check_options(name: str, entry: _Entry, raw: Any) -> Mapping[str, Any]:
@@ -270,30 +317,59 @@ def plan(
     *,
     minimize_moves: bool = False,
     policy_options: Mapping[str, Any] | None = None,
+    keep_slots: bool = True,
 ) -> Placement:
     """Plan a placement of `load` ([L, E], numpy or torch, any real dtype).
 
+    - `num_groups`, `num_nodes`: ``default`` packs groups onto nodes when
+      ``num_groups % num_nodes == 0`` and plans globally otherwise (as vLLM and
+      DeepSeek's reference do).
     - `old_placement`: the placement in service now. Policies that plan moves
-      from it (``incremental``) need it; others ignore it unless
-    - `minimize_moves` is True: the policy's plan is then relabeled (ranks,
-      nodes and slots permuted, see `relabel`) to keep as many experts of
-      `old_placement` in place as possible. Same loads, same balancedness,
-      fewer moves. Off by default so that a plan depends on the load alone.
+      from it (``incremental``) need it. With it, and `keep_slots` (the
+      default), an expert that stays on a rank keeps its old slot there (vLLM's
+      behaviour when given the old map): ranks hold what the policy gave them,
+      only the order of each rank's slots changes. ``keep_slots=False`` returns
+      the policy's plan untouched.
+    - `minimize_moves`: also permute ranks (and nodes) and their slots to keep
+      as many experts of `old_placement` in place as possible (see `relabel`).
+      Same loads, same balancedness, fewer moves; needs `old_placement`.
     - `policy_options`: settings for the policy (see `available_policies` and
       each policy's docs), checked before planning.
 
-    Raises `ValueError` naming the argument and the rule before any planning.
+    Raises `ValueError` naming the argument and the rule before any planning,
+    and naming the policy when its answer is not an [L, P] integer map.
     """
     request = check_plan_args(
         load, num_physical_experts, num_groups, num_nodes, num_ranks, policy, old_placement,
-        minimize_moves, policy_options,
+        minimize_moves, policy_options, keep_slots,
     )
-    p2l = _POLICIES[policy].policy(request)
+    p2l = _checked_output(policy, request, _POLICIES[policy].policy(request))
     if minimize_moves:
         assert old_placement is not None  # checked above
         nodes = request.num_nodes if policy_keeps_nodes(policy, request) else 1
         p2l = relabel_to(p2l, old_placement, request.num_ranks, nodes)
+    elif keep_slots and old_placement is not None:
+        p2l = keep_rank_slots(p2l, old_placement.physical_to_logical, request.num_ranks)
     return Placement(p2l, request.num_logical_experts)
+
+
+def _checked_output(name: str, request: PlanRequest, answer: Any) -> npt.NDArray[np.int64]:
+    """A policy's answer as an int64 [L, P] array, or a ValueError naming the policy."""
+    expected = (request.num_layers, request.num_physical_experts)
+    try:
+        arr = np.asarray(answer.detach().cpu().numpy() if hasattr(answer, "detach")
+                         else answer)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy {name!r} must return an integer [L, P] = {list(expected)} "
+                         f"array, got {type(answer).__name__} ({exc})") from None
+    if arr.shape != expected:
+        raise ValueError(f"policy {name!r} must return physical_to_logical of shape "
+                         f"[L, P] = {list(expected)}, got shape {list(arr.shape)} "
+                         f"({type(answer).__name__})")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"policy {name!r} must return integer expert ids, got dtype "
+                         f"{arr.dtype}")
+    return arr.astype(np.int64, copy=False)
 
 
 def relabel_to(p2l: Any, old: Placement, num_ranks: int, num_nodes: int) -> Any:
@@ -325,5 +401,6 @@ def _default_keeps_nodes(req: PlanRequest) -> bool:
     return req.num_groups % req.num_nodes == 0
 
 
-register_policy("default", _default_policy, keeps_nodes=_default_keeps_nodes)
-register_policy("global", _global_policy, keeps_nodes=False)
+register_policy("default", _default_policy, keeps_nodes=_default_keeps_nodes,
+                uses_groups=_default_keeps_nodes)
+register_policy("global", _global_policy, keeps_nodes=False, uses_groups=False)

@@ -42,6 +42,7 @@ from .planning import (
     available_policies,
     policy_keeps_nodes,
     policy_needs_old_placement,
+    policy_uses_groups,
     register_policy,
     run_policy,
 )
@@ -188,9 +189,19 @@ def _incremental_policy(req: PlanRequest) -> I64:
     return np.where(out == empty, -1, out)
 
 
+def _default_uses_groups(req: PlanRequest) -> bool:
+    return policy_uses_groups("default", req)
+
+
+def _reference_uses_groups(req: PlanRequest) -> bool:
+    return policy_uses_groups(str(req.options["reference"]), req)
+
+
+# refined builds on default (and global); incremental on its reference policy:
+# they use groups exactly when those do.
 register_policy("refined", _refined_policy, check_options=check_refined_options,
-                keeps_nodes=False)
+                keeps_nodes=False, uses_groups=_default_uses_groups)
 register_policy("incremental", _incremental_policy, check_options=check_incremental_options,
-                keeps_nodes=False, needs_old_placement=True)
+                keeps_nodes=False, needs_old_placement=True, uses_groups=_reference_uses_groups)
 
 from . import time_policy as _time_policy  # noqa: E402, F401  (registers "time")

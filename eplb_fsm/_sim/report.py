@@ -56,7 +56,9 @@ import numpy as np
 
 from .options import SimulateOptions, options_dict
 
-__all__ = ["build_report", "format_summary", "write_report"]
+__all__ = ["REPORT_FILES", "build_report", "format_summary", "plot_figures", "write_report"]
+
+REPORT_FILES = ("report.json", "balancedness.png", "rank_load.png")
 
 
 def _pct(values: list[float]) -> dict[str, float]:
@@ -258,13 +260,26 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     written = [directory / "report.json"]
     written[0].write_text(json.dumps(report, indent=1))
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        figures = plot_figures(report)
     except ImportError:  # the plot extra is optional
         return written
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures.items():
+        fig.savefig(directory / name, dpi=110)
+        written.append(directory / name)
+        plt.close(fig)
+    return written
+
+
+def plot_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's plots as matplotlib figures, by file name (ImportError without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5), layout="constrained")
     ax.plot(np.arange(1, len(report["balancedness"]["per_step"]) + 1),
             report["balancedness"]["per_step"], lw=0.8)
     for step in report["rebalances"]["steps"]:
@@ -274,18 +289,14 @@ def write_report(report: dict[str, Any], directory: Path) -> list[Path]:
     ax.set(xlabel="step", ylabel="balancedness (mean/max)", ylim=(0, 1.02),
            title=f"balancedness per pass, mode={report['options']['mode']} "
                  "(dashed: rebalance starts)")
-    fig.tight_layout()
-    fig.savefig(directory / "balancedness.png", dpi=110)
-    written.append(directory / "balancedness.png")
-    plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    figures = {"balancedness.png": fig}
+    # constrained layout keeps every label inside the figure, colorbar included
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True, layout="constrained")
     loads = [np.asarray(report["rank_load"][k]) for k in ("first_window", "last_window")]
     vmax = max(float(x.max()) for x in loads) or 1.0
     for ax, load, title in zip(axes, loads, ("first window", "last window"), strict=True):
         image = ax.imshow(load, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
         ax.set(title=f"per-rank load, {title}", xlabel="rank", ylabel="layer")
     fig.colorbar(image, ax=axes, label="tokens")
-    fig.savefig(directory / "rank_load.png", dpi=110)
-    written.append(directory / "rank_load.png")
-    plt.close(fig)
-    return written
+    figures["rank_load.png"] = fig
+    return figures

@@ -380,7 +380,10 @@ def invalid_plan_cases(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
         kwargs["num_ranks"] = num_physical + draw(st.integers(1, 3))
         kwargs["num_nodes"] = 1
     elif what == "e%g":
-        kwargs["num_groups"] = num_logical + draw(st.integers(1, 3))
+        # Groups must divide the experts only where the policy plans with groups:
+        # default does where they divide over the nodes ("global" never does).
+        kwargs["num_groups"] = int(kwargs["num_nodes"]) * (num_logical + 1)
+        kwargs["policy"], kwargs["policy_options"] = "default", None
     elif what == "r%n":
         kwargs["num_nodes"] = int(kwargs["num_ranks"]) + draw(st.integers(1, 3))
     elif what == "policy":

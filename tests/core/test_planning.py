@@ -3,6 +3,8 @@ algorithm on tie-free loads, output invariants, and bad input."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -118,9 +120,80 @@ def test_plan_improves_balancedness_on_skewed_load() -> None:
     assert eplb_fsm.balancedness(after) > eplb_fsm.balancedness(before) + 0.1
 
 
-def test_old_placement_is_accepted_and_ignored_by_default() -> None:
-    old = Placement.initial(2, 12, 16)
-    assert plan(VLLM_LOAD, 16, 4, 2, 8, old_placement=old) == plan(VLLM_LOAD, 16, 4, 2, 8)
+def _rank_sets(p2l: np.ndarray, ranks: int) -> list[list[list[int]]]:
+    per = p2l.shape[1] // ranks
+    return [[sorted(row[r * per:(r + 1) * per].tolist()) for r in range(ranks)] for row in p2l]
+
+
+def test_old_placement_keeps_slots_within_ranks_only() -> None:
+    """With the old map, experts that stay on a rank keep their slot; each rank still
+    holds what the policy gave it (vLLM's behaviour); keep_slots=False: the plan as is."""
+    rng = np.random.default_rng(0)
+    old = Placement(np.stack([rng.permutation(np.arange(16) % 12) for _ in range(2)]), 12)
+    fresh = plan(VLLM_LOAD, 16, 4, 2, 8)
+    kept = plan(VLLM_LOAD, 16, 4, 2, 8, old_placement=old)
+    assert plan(VLLM_LOAD, 16, 4, 2, 8, old_placement=old, keep_slots=False) == fresh
+    assert _rank_sets(kept.physical_to_logical, 8) == _rank_sets(fresh.physical_to_logical, 8)
+    assert kept.slots_changed(old) < fresh.slots_changed(old)
+    old_p2l, new_p2l = old.physical_to_logical, kept.physical_to_logical
+    for layer in range(2):
+        for rank in range(8):
+            cols = slice(rank * 2, rank * 2 + 2)
+            # every copy the rank keeps (multiset intersection) sits in its old slot
+            stays = Counter(old_p2l[layer, cols].tolist()) & Counter(
+                fresh.physical_to_logical[layer, cols].tolist())
+            unchanged = int((new_p2l[layer, cols] == old_p2l[layer, cols]).sum())
+            assert unchanged == sum(stays.values())
+
+
+class _Fixed:
+    """A policy that returns a fixed map (the "planner's answer" of vLLM's examples)."""
+
+    def __init__(self, p2l: list[list[int]]) -> None:
+        self.p2l = np.asarray(p2l)
+
+    def __call__(self, req: eplb_fsm.PlanRequest) -> np.ndarray:
+        return self.p2l
+
+
+@pytest.mark.parametrize(("ranks", "old", "planned", "expected"), [
+    # 2 ranks x 4 slots: rank 0 keeps experts 0 and 1 and takes 5 and 4 in; rank 1
+    # keeps 6 and 7 and takes 2 and 3 in.
+    (2, [0, 1, 2, 3, 4, 5, 6, 7], [1, 5, 0, 4, 6, 2, 7, 3], [0, 1, 5, 4, 2, 3, 6, 7]),
+    # Replicas: rank 0 had expert 0 twice and keeps both copies where they were.
+    (2, [0, 1, 0, 2, 3, 4, 5, 6, 1, 2], [0, 5, 4, 0, 1, 6, 2, 3, 2, 1],
+     [0, 1, 0, 5, 4, 3, 2, 6, 1, 2]),
+    # 3 ranks: two ranks now hold only expert 0, the third reorders.
+    (3, [0, 1, 2, 3] * 3, [0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 0],
+     [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3]),
+])
+def test_kept_slots_match_vllms_published_cases(ranks: int, old: list[int], planned: list[int],
+                                                 expected: list[int]) -> None:
+    eplb_fsm.register_policy("test-fixed", _Fixed([planned]), replace=True, uses_groups=False)
+    try:
+        num_logical = max(old) + 1
+        load = [[1.0] * num_logical]
+        new = plan(load, len(old), 1, 1, ranks, policy="test-fixed",
+                   old_placement=Placement([old], num_logical))
+        assert new.physical_to_logical.tolist() == [expected]
+    finally:
+        from eplb_fsm._core import planning
+
+        planning._POLICIES.pop("test-fixed", None)
+
+
+def test_default_plans_globally_when_groups_do_not_divide_over_nodes() -> None:
+    """As vLLM and DeepSeek's reference: no error for experts % groups there."""
+    load = [[10, 20, 30, 40]]
+    p = plan(load, 8, num_groups=3, num_nodes=2, num_ranks=4)
+    assert p == plan(load, 8, 1, 1, 4, policy="global")
+    assert p.replica_count.sum() == 8
+    for policy in ("global", "refined"):
+        plan(load, 8, num_groups=3, num_nodes=2, num_ranks=4, policy=policy)
+    # Where groups divide over the nodes, default packs groups: they must divide the experts.
+    with pytest.raises(ValueError, match=r"divisible by num_groups=4: policy 'default' plans "
+                                         r"with groups here \(num_groups % num_nodes == 0\)"):
+        plan([[1, 2, 3, 4, 5, 6]], 8, num_groups=4, num_nodes=2, num_ranks=4)
 
 
 GOOD = dict(num_physical_experts=16, num_groups=4, num_nodes=2, num_ranks=8)
@@ -137,7 +210,7 @@ GOOD = dict(num_physical_experts=16, num_groups=4, num_nodes=2, num_ranks=8)
         (dict(load=[["a"] * 12] * 2), "real numbers"),
         (dict(num_physical_experts=8, num_ranks=4), "must be >= the number of logical experts"),
         (dict(num_physical_experts=18), "divisible by num_ranks=8"),
-        (dict(num_groups=5), "divisible by num_groups=5"),
+        (dict(num_groups=8), "divisible by num_groups=8"),
         (dict(num_nodes=3), "num_ranks=8 must be divisible by num_nodes=3"),
         (dict(num_ranks=0), "num_ranks must be a positive int"),
         (dict(num_groups=2.0), "num_groups must be a positive int"),
@@ -173,8 +246,30 @@ def test_registry_accepts_new_policies_and_checks_their_output() -> None:
         eplb_fsm.register_policy("test-broken", lambda req: np.zeros((2, 16), dtype=int))
         with pytest.raises(ValueError, match="no replica"):
             plan(VLLM_LOAD, **GOOD, policy="test-broken")
+        # A custom policy uses groups unless it says otherwise.
+        with pytest.raises(ValueError, match="policy 'test-identity' plans with groups"):
+            plan(VLLM_LOAD, 16, 5, 2, 8, policy="test-identity")
     finally:
         from eplb_fsm._core import planning
 
         planning._POLICIES.pop("test-identity", None)
         planning._POLICIES.pop("test-broken", None)
+
+
+@pytest.mark.parametrize(("answer", "match"), [
+    (np.zeros((2, 15), dtype=int), r"policy 'test-shape' must return physical_to_logical of "
+     r"shape \[L, P\] = \[2, 16\], got shape \[2, 15\] \(ndarray\)"),
+    (torch.zeros(16, dtype=torch.int64), r"\[L, P\] = \[2, 16\], got shape \[16\] \(Tensor\)"),
+    ([[0] * 16, [0] * 15], r"policy 'test-shape' must return"),
+    (np.zeros((2, 16)), r"policy 'test-shape' must return integer expert ids, got dtype float64"),
+    (None, r"policy 'test-shape' must return .*got shape \[\] \(NoneType\)"),
+])
+def test_a_policys_answer_of_the_wrong_shape_is_named(answer: object, match: str) -> None:
+    eplb_fsm.register_policy("test-shape", lambda req: answer, uses_groups=False)
+    try:
+        with pytest.raises(ValueError, match=match):
+            plan(VLLM_LOAD, **GOOD, policy="test-shape")
+    finally:
+        from eplb_fsm._core import planning
+
+        planning._POLICIES.pop("test-shape", None)

@@ -127,7 +127,7 @@ def test_policy_option_and_old_expose_incremental_and_refined(
 
     # --old turns relabeling on; --no-minimize-moves turns it off again.
     for flags, want in (([], plan(drifted, 80, 8, 2, 8, old_placement=old, minimize_moves=True)),
-                        (["--no-minimize-moves"], fresh)):
+                        (["--no-minimize-moves"], plan(drifted, 80, 8, 2, 8, old_placement=old))):
         assert main(["plan", str(drifted_path), *ARGS, "--old", str(first), *flags,
                      "-o", str(out)]) == 0
         assert read_placement(out) == want

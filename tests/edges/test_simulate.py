@@ -53,7 +53,7 @@ def test_async_and_sync_reach_the_same_placement(reports: dict[str, dict]) -> No
 
 def test_plots_are_written(reports: dict[str, dict], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    assert main(["simulate", *SMALL, "--steps", "30", "--mode", "off",
+    assert main(["simulate", *SMALL, "--steps", "30", "--shift-at", "--mode", "off",
                  "--report", str(tmp_path)]) == 0
     assert (tmp_path / "balancedness.png").stat().st_size > 1000
     assert (tmp_path / "rank_load.png").stat().st_size > 1000

@@ -62,5 +62,6 @@ class Job:
     batches: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
     layers: tuple[int, ...] = ()
     staged: StagedTransfer | None = None
+    weights: tuple[tuple[int, int], ...] | None = None  # the staged layers' tensors, as staged
     local_error: BaseException | None = None
     fatal_error: BaseException | None = None  # survives batches: reported every round

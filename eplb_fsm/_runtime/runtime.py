@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -168,6 +168,7 @@ class EplbRuntime:
         self._hooks = Hooks()
         self._liveness = None
         self._step = 0
+        self._rest: _Rest | None = None
         self._released = False
         self.last_reconfiguration: Reconfigured | None = None
         # One worker: plans are rare, and one at a time keeps memory flat.
@@ -206,7 +207,8 @@ class EplbRuntime:
         driver = ModelDriver(
             name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
             mover=self._mover, device=self._device, executor=self._executor,
-            faults=self._faults, hooks=self._hooks, liveness=self._liveness)
+            faults=self._faults, hooks=self._hooks, liveness=self._liveness,
+            index=len(self._drivers))
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
         _check_weights(model)
@@ -233,31 +235,53 @@ class EplbRuntime:
 
     # -- the hook -----------------------------------------------------------------------
 
-    async def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
-        """Call once per forward pass on every rank, after the pass.
+    def step(self, is_dummy: bool = False,
+             is_profile: bool = False) -> Coroutine[Any, Any, None]:
+        """Call once per forward pass on every rank, after the pass, and await the result.
 
         ``is_dummy``: the pass served no real tokens (records no load, still
         counts). ``is_profile``: allocate the transfer engine's peak buffers once
         so the engine's memory profiling sees them; does not count as a step.
-        Raises `RebalanceFailed` (with ``on_failure="raise"``) after every model
-        has taken this step, so models stay in step with each other.
+        The awaitable raises `RebalanceFailed` (with ``on_failure="raise"``)
+        after every model has taken this step, so models stay in step.
 
+        The pass is counted, and the step's agreed work done, when `step()` is
+        *called*, not when its result is awaited: the step counter must be the
+        same on every rank (each round checks it), and a task cancelled before
+        it ever ran (``asyncio.wait_for(rt.step(), 0)``) would otherwise drop a
+        pass on one rank and shift its every later commit. The awaitable holds
+        only what had to wait (a round not yet complete, which is rare).
         Cancelling the task that awaits it is safe: a step that has started
         finishes its agreed work first (its waits are bounded by
-        ``peer_timeout_s``), then the cancellation is raised, and the next
-        call goes on from a consistent state.
+        ``peer_timeout_s``), then the cancellation is raised. If that rest is
+        never awaited at all, the next `step()` finishes it first and reports
+        the model's rebalance as failed on every rank: its commit would come a
+        pass late.
         """
         if is_profile:
             self.profile()
-            return
+            return _nothing()
         if self._released:
             raise RuntimeError("this rank left the deployment (EplbRuntime.reconfigure "
                                "released it); it has nothing left to balance")
+        if self._rest is not None:
+            self._finish_rest()
         self._step += 1
         step = self._step
         due = [d for d in self._drivers.values() if d.record_pass(step, is_dummy)]
         if not due:
-            return  # nothing agreed at this step: no await, nothing to cancel
+            return _nothing()  # nothing agreed at this step: no await, nothing to cancel
+        work = self._agreed(step, due, is_dummy)
+        try:
+            first = work.send(None)
+        except StopIteration:
+            return _nothing()
+        except BaseException as exc:
+            return _raise(exc)
+        rest = self._rest = _Rest(work, first, step)
+        return self._await_rest(rest)
+
+    async def _agreed(self, step: int, due: list[ModelDriver], is_dummy: bool) -> None:
         errors: list[RebalanceFailed] = []
         with deferred_cancellation() as cancelled:
             for driver in due:
@@ -269,6 +293,31 @@ class EplbRuntime:
             raise cancelled[0]
         if errors:
             raise errors[0]
+
+    async def _await_rest(self, rest: _Rest) -> None:
+        try:
+            await rest
+        finally:
+            if self._rest is rest:
+                self._rest = None
+
+    def _finish_rest(self) -> None:
+        """The last step's agreed work waited, and its awaitable was never awaited (or
+        is still suspended: two `step()` calls at once). Finish it here, blocking,
+        and fail the rebalances it belonged to: it ran a pass late."""
+        rest, self._rest = self._rest, None
+        assert rest is not None
+        if rest.started:
+            self._rest = rest
+            raise RuntimeError("step() called again while the previous step's agreed work "
+                               "is still running; await each step() before the next")
+        message = (f"the agreed work of step {rest.step} ran late on rank "
+                   f"{self._allreduce.rank}: the task awaiting step() was cancelled before it "
+                   "started, so its commits would come a pass after its peers'")
+        log.error("eplb %s", message)
+        rest.run_blocking()
+        for driver in self._drivers.values():
+            driver.report_error(RuntimeError(message))
 
     def profile(self) -> None:
         profile = getattr(self._mover, "profile", None)
@@ -419,3 +468,63 @@ class EplbRuntime:
         self._hooks.close()
         if self._liveness is not None:
             self._liveness.close()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+class _Rest:
+    """The rest of a step's agreed work, from its first wait on.
+
+    `EplbRuntime.step` runs the work up to the point where it must wait, then
+    hands the suspended coroutine here; awaiting this resumes it in the
+    awaiting task, forwarding what it yields (asyncio futures, trio traps)
+    and what is thrown into it (a cancellation), exactly as if it had been
+    awaited directly.
+    """
+
+    __slots__ = ("_work", "_yielded", "started", "step")
+
+    def __init__(self, work: Coroutine[Any, Any, None], yielded: Any, step: int) -> None:
+        self._work = work
+        self._yielded = yielded
+        self.started = False
+        self.step = step
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        self.started = True
+        work, value = self._work, self._yielded
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                work.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = work.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = work.send(sent)
+                except StopIteration:
+                    return
+
+    def run_blocking(self) -> None:
+        """Finish the work without an event loop: each wait becomes a blocking
+        poll (`rounds.pause` holds a cancellation and sleeps), and what it
+        raises at the end is logged by the drivers already."""
+        self.started = True
+        while True:
+            try:
+                self._work.throw(asyncio.CancelledError())
+            except StopIteration:
+                return
+            except BaseException:  # the held cancellation, or a failure (logged)
+                return

@@ -142,12 +142,9 @@ class _Confirmer:
         self._queue.put(round_)
 
     def _run(self) -> None:
-        owner = self._owner
         while True:
             round_ = self._queue.get()
             try:
-                # Where this rank is, for a peer that gives up to name who was late.
-                owner._store.set(f"{owner._prefix}at/{owner.rank}", str(round_._index))
                 round_._work.wait()
             except Exception as exc:  # a peer died: every rank's round fails
                 round_._error = exc
@@ -170,6 +167,36 @@ class _Confirmer:
             self._owner._store.delete_key(f"{self._owner._prefix}{index - _KEEP}")
 
 
+class _Positions:
+    """Publishes, off the serving thread, the newest round this rank launched, so
+    that a rank giving up on a round can name the ranks that never launched it
+    (a wedged rank's heartbeat thread still beats). Its own thread, never
+    blocked by a round that does not complete."""
+
+    def __init__(self, store: Any, key: str) -> None:
+        self._store, self._key = store, key
+        self.launched = -1
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="eplb-round-position", daemon=True).start()
+
+    def note(self, index: int) -> None:
+        self.launched = index
+        self._wake.set()
+
+    def _run(self) -> None:
+        written = -1
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            index = self.launched
+            if index != written:
+                try:
+                    self._store.set(self._key, str(index))
+                except Exception:  # the store host is gone; nothing left to tell
+                    return
+                written = index
+
+
 class TorchAllReduce:
     """`AllReduce` over a CPU-capable process group (gloo), rounds confirmed in
     `store` (default: the default group's store; None when there is none)."""
@@ -189,6 +216,8 @@ class TorchAllReduce:
         self._prefix = f"{PREFIX}{name}/{instance}/"
         self._count = itertools.count()
         self._confirmer = _Confirmer(self) if store is not None else None
+        self._positions = (_Positions(store, f"{self._prefix}at/{self._rank}")
+                           if store is not None else None)
 
     @property
     def rank(self) -> int:
@@ -207,6 +236,8 @@ class TorchAllReduce:
                              tensor)
         if confirmer is not None:
             confirmer.submit(round_)
+            assert self._positions is not None
+            self._positions.note(round_._index)
         return round_
 
     def _claim(self, key: str, value: bytes) -> bytes:

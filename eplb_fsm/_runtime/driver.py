@@ -24,7 +24,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -113,6 +113,9 @@ class ModelDriver:
         self.lifecycle = lc.Lifecycle()
         self.stats = ModelStats()
         self._job: Job | None = None
+        # Plans given up on that still run, and the executor each occupies.
+        self._held: list[tuple[Future[Planned], Executor]] = []
+        self._spare: Executor | None = None
         self._balance_log = (BalancednessLog(name, config, allreduce, placement.num_layers,
                                              placement.num_physical)
                              if config.log_balancedness else None)
@@ -215,8 +218,9 @@ class ModelDriver:
                 return
             job.reduced_load = split_header(values, self._world)[0].reshape(
                 self.placement.num_layers, -1)
-            job.plan_future = self._executor.submit(self._plan, job.reduced_load,
-                                                    self._p2l.copy(), step)
+            job.planner = self._planner()
+            job.plan_future = job.planner.submit(self._plan, job.reduced_load,
+                                                 self._p2l.copy(), step)
             job.phase, job.due = "plan_round", step + lag
             job.round = None
         elif job.phase == "plan_round":
@@ -248,6 +252,18 @@ class ModelDriver:
                 job.due = step + lag
 
     # -- planning -----------------------------------------------------------------------
+
+    def _planner(self) -> Executor:
+        """Where to plan: the runtime's planning thread, unless a plan given up on
+        (slower than the timeout) still occupies it; the next must not queue
+        behind it, or it would time out too."""
+        self._held = [(f, e) for f, e in self._held if not f.done()]
+        busy = [e for _, e in self._held]
+        if self._executor not in busy:
+            return self._executor
+        if self._spare is None or self._spare in busy:
+            self._spare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
+        return self._spare
 
     def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64],
               step: int) -> Planned:
@@ -361,12 +377,25 @@ class ModelDriver:
         assert job.staged is not None and job.plan is not None
         layers = list(job.layers)
         try:
-            if self._faults is not None:
-                self._faults.inject(self.name, "commit", step, job.layers)
             moved = self._reallocated(job)
             if moved is not None:  # between the last round and now: write nothing
                 raise RuntimeError(moved)
-            job.staged.commit()
+            for attempt in (1, 2):
+                try:
+                    if self._faults is not None:
+                        self._faults.inject(self.name, "commit", step, job.layers)
+                    job.staged.commit()
+                    break
+                except Exception as exc:
+                    # Every peer commits these layers now: a transient error (an
+                    # allocation, say) must not leave this rank's slots behind its
+                    # maps. The staged rows are intact; layers already committed
+                    # are skipped, so try once more before giving up.
+                    if attempt == 2:
+                        raise
+                    log.warning("eplb commit of layer(s) %s failed on rank %d (%s: %s); "
+                                "retrying once", list(job.layers), self._rank,
+                                type(exc).__name__, exc)
         except Exception as exc:
             # Every peer commits these layers at this step; this rank could not.
             # Its maps keep the old rows, its weights may be partly written. It
@@ -514,6 +543,9 @@ class ModelDriver:
         layers = job.layers if job is not None else ()
         if job is not None and job.staged is not None:
             job.staged.release()
+        if job is not None and job.plan_future is not None and job.planner is not None \
+                and not job.plan_future.done():
+            self._held.append((job.plan_future, job.planner))
         self._job = None
         self.epoch += 1
         if self.lifecycle.may_fire("fail"):

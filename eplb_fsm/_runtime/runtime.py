@@ -92,6 +92,57 @@ def _check_weights(model: Any) -> None:
                     f"num_local_physical_experts={model.num_local_physical_experts}")
 
 
+def _describe(model: Any, config: EplbConfig) -> tuple[Any, ...]:
+    """What every rank must agree on before any byte moves: the settings that shape
+    rounds and plans, and each weight tensor's shape and dtype by layer."""
+    settings = tuple(getattr(config, f) for f in (
+        "window_size", "step_interval", "readiness_lag", "layers_per_transfer", "policy",
+        "num_nodes", "use_async", "transfer_path", "log_balancedness"))
+    tensors = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in layer)
+                    for layer in model.expert_weights)
+    return settings, tensors
+
+
+def _agree_on_weights(model: Any, name: str, config: EplbConfig, cpu_group: Any) -> None:
+    """Raise ValueError, on every rank alike, where ranks disagree on `_describe`.
+
+    The engine moves raw bytes: a rank whose experts are another dtype or
+    width than its peers' would receive bytes it reads as garbage, and every
+    rebalance would report success. Every rank sees every rank's description,
+    so all raise the same error, before anything changes.
+    """
+    import torch.distributed as dist
+
+    mine = _describe(model, config)
+    every: list[Any] = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(every, mine, group=cpu_group)
+    first = every[0]
+    for rank, theirs in enumerate(every):
+        if theirs == first:
+            continue
+        if theirs[0] != first[0]:
+            raise ValueError(f"model {name!r}: rank {rank}'s EplbConfig differs from rank 0's "
+                             f"(window_size, step_interval, readiness_lag, "
+                             f"layers_per_transfer, policy, num_nodes, use_async, "
+                             f"transfer_path, log_balancedness: {theirs[0]} vs {first[0]}); "
+                             "every rank must use the same settings")
+        layers, ref = theirs[1], first[1]
+        if len(layers) != len(ref):
+            raise ValueError(f"model {name!r}: rank {rank} has {len(layers)} MoE layers of "
+                             f"expert weights, rank 0 has {len(ref)}")
+        for layer, (got, want) in enumerate(zip(layers, ref, strict=True)):
+            if len(got) != len(want):
+                raise ValueError(f"model {name!r}: rank {rank}'s expert_weights[{layer}] "
+                                 f"holds {len(got)} tensors, rank 0's {len(want)}")
+            for index, (g, w) in enumerate(zip(got, want, strict=True)):
+                if g != w:
+                    raise ValueError(
+                        f"model {name!r}: rank {rank}'s expert_weights[{layer}][{index}] is "
+                        f"{g[1]} of shape {list(g[0])}, rank 0's is {w[1]} of shape "
+                        f"{list(w[0])}; every rank must hold the same shapes and dtypes "
+                        "(the engine moves raw bytes)")
+
+
 class EplbRuntime:
     """Drives every model's rebalance lifecycle from the serving loop.
 
@@ -104,6 +155,7 @@ class EplbRuntime:
     """
 
     _liveness: Heartbeat | None
+    _cpu_group: Any
 
     def __init__(self, config: EplbConfig, group: Any = None, cpu_group: Any = None,
                  device: torch.device | str | None = None) -> None:
@@ -129,6 +181,7 @@ class EplbRuntime:
             # here, not inside a serving step.
             mover.warm_up(device)
         self._setup(config, allreduce, mover, device, None, None)
+        self._cpu_group = cpu_group
         self._liveness = Heartbeat.for_default_group(dist.get_rank(group),
                                                      dist.get_world_size(group),
                                                      dist.get_process_group_ranks(group))
@@ -167,6 +220,7 @@ class EplbRuntime:
         self._drivers: dict[str, ModelDriver] = {}
         self._hooks = Hooks()
         self._liveness = None
+        self._cpu_group = None  # set when built on torch.distributed (add_model agrees on it)
         self._step = 0
         self._rest: _Rest | None = None
         self._released = False
@@ -212,11 +266,36 @@ class EplbRuntime:
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
         _check_weights(model)
+        if share and self._cpu_group is not None:
+            _agree_on_weights(model, name, self.config, self._cpu_group)
         share_weights = getattr(self._mover, "share_weights", None)
         if share and share_weights is not None and self.config.transfer_path != "nccl":
             # Collective, like add_model itself: peers map these weights for pulls.
             share_weights(model.expert_weights)
         self._drivers[name] = driver
+
+    def share_weights(self) -> None:
+        """Tell the transfer engine where every model's expert weights are now.
+
+        Call on every rank at the same step, between passes and while no
+        rebalance is in flight (`busy` is False), after the engine reallocated
+        expert weights (a CUDA-graph recapture, a weight reload into new
+        tensors). Until then, a rebalance whose staged layers' weights were
+        reallocated fails on every rank before anything is written, and the
+        pull path refuses weights other than the ones shared. Collective on
+        the CPU group: every rank re-checks with its peers that the weights'
+        layers, shapes and dtypes agree.
+        """
+        if self.busy:
+            raise ValueError("share_weights() while a rebalance is in flight would change "
+                             "the weights under a staged transfer; call it when busy is False")
+        share = getattr(self._mover, "share_weights", None)
+        for name, driver in self._drivers.items():
+            _check_weights(driver.model)
+            if self._cpu_group is not None:
+                _agree_on_weights(driver.model, name, self.config, self._cpu_group)
+            if share is not None and self.config.transfer_path != "nccl":
+                share(driver.model.expert_weights)
 
     def off(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
         """Stop calling `callback` for `kind` (events already queued still arrive)."""

@@ -116,10 +116,14 @@ class WeightMover(Protocol):
         layers: Sequence[int],
         expert_weights: Sequence[Sequence[torch.Tensor]],
         prepared: Any = None,
+        tag: int = 0,
     ) -> StagedTransfer:
         """Launch the transfers of `layers` (non-blocking). All ranks call it at the
         same agreed step with the same arguments but their own weights; `prepared`
-        is what `prepare` returned for the same maps and layers."""
+        is what `prepare` returned for the same maps and layers. `tag` (the same on
+        every rank, unique per transfer) keeps its messages from pairing with a
+        failed transfer's leftovers; a mover whose transport has no tags may
+        ignore it."""
         ...
 
 

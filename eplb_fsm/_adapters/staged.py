@@ -110,30 +110,42 @@ def current_slots(weights: Weights, layer: int,
 
 
 class Waiter:
-    """One daemon thread that calls ``wait()`` on launched gloo work, in launch order.
+    """Daemon threads that call ``wait()`` on launched gloo work.
 
     Starting a thread per stage cost ~1.6 ms of the staging step on a loaded
-    2-core machine (``Thread.start`` waits for the new thread to run); one
-    long-lived thread per engine takes that off the serving path. Order is
-    harmless: transfers on one group complete in launch order anyway.
+    2-core machine (``Thread.start`` waits for the new thread to run), so
+    threads are long-lived and reused. Yet one thread waiting in launch
+    order is not enough: a transfer a failed rank never matched stays
+    pending for good (gloo's send/recv work cannot be cancelled), and every
+    transfer queued behind it would never be seen complete, so no later
+    rebalance could finish. So a new thread starts whenever work arrives
+    and none is idle; a thread stuck on abandoned work stays stuck alone.
     """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[InFlight] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = 0
+        self.threads = 0  # started so far (tests read it)
 
     def submit(self, inflight: InFlight) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="eplb-transfer-wait",
-                                            daemon=True)
-            self._thread.start()
+        with self._lock:
+            start = self._idle == 0
+            if start:
+                self._idle += 1  # the new thread counts as idle until it takes work
+                self.threads += 1
+            self._idle -= 1
         self._queue.put(inflight)
+        if start:
+            threading.Thread(target=self._run, name="eplb-transfer-wait", daemon=True).start()
 
     def _run(self) -> None:
         while True:
             inflight = self._queue.get()
             inflight.wait_all()
             del inflight  # hold nothing while idle
+            with self._lock:
+                self._idle += 1
 
 
 class InFlight:

@@ -198,13 +198,22 @@ class TransferEngine:
 
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
-              expert_weights: Weights, prepared: Any = None) -> StagedLayers:
+              expert_weights: Weights, prepared: Any = None, tag: int = 0) -> StagedLayers:
         """Launch the transfers of `layers` into a staging buffer; returns at once.
 
         Collective: every rank of the group calls it at the same agreed step, with
         the same maps and layers and its own weights (same shapes on every rank).
         `prepared` is what `prepare` returned for the same maps and layers.
+
+        `tag` (gloo; every rank passes the same one) keeps this transfer's
+        messages apart from any other's: a message a failed rank never matched
+        stays posted, and on the default tag it would pair with the next
+        transfer's message between the same ranks, whose size differs, and
+        gloo aborts the process. The runtime tags each transfer by its agreed
+        step and model. NCCL has no tags (docs/design.md, failure domains).
         """
+        if isinstance(tag, bool) or not isinstance(tag, int) or not 0 <= tag < 2 ** 31:
+            raise ValueError(f"tag must be an int in [0, 2**31), got {tag!r}")
         if prepared is None:
             prepared = self.prepare(old_physical_to_logical, new_physical_to_logical, layers)
         elif not (isinstance(prepared, PreparedTransfer) and prepared.layers == tuple(layers)
@@ -236,7 +245,8 @@ class TransferEngine:
                 launch = make_launch(prepared.schedule, nbytes, shared, self._pieces)
         self._prune()
         with torch.no_grad():
-            return self._launch(prepared.schedule, expert_weights, device, launch, problem)
+            return self._launch(prepared.schedule, expert_weights, device, launch, problem,
+                                tag)
 
     def share_weights(self, expert_weights: Weights) -> ChannelMap:
         """Collective: share handles to `expert_weights` with same-node peers and
@@ -491,7 +501,7 @@ class TransferEngine:
             self._draining = [f for f in self._draining if not f.done()]
 
     def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                launch: Launch, problem: str) -> StagedLayers:
+                launch: Launch, problem: str, tag: int = 0) -> StagedLayers:
         # Everything before the first copy delays the transfer: only what it needs.
         layout = launch.layout
         cuda = device.type == "cuda"
@@ -519,7 +529,7 @@ class TransferEngine:
             staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
             if launch.network:
                 works = self._send_and_receive(layout, expert_weights, launch.shared, staging,
-                                               buffers)
+                                               buffers, tag)
             # Behind the launch, so the copy engines' reads of peers' memory
             # overlap the network.
             for tensor, slot, offset in launch.pulls:
@@ -552,7 +562,7 @@ class TransferEngine:
 
     def _send_and_receive(self, layout: Layout, expert_weights: Weights,
                           shared: SharedWeights | None, staging: torch.Tensor,
-                          buffers: list[torch.Tensor]) -> list[Any]:
+                          buffers: list[torch.Tensor], tag: int = 0) -> list[Any]:
         """Pack and launch this rank's messages, piece by piece; returns the works.
         The send buffer goes into `buffers` (kept alive until the sends are done)."""
         own = shared.own_slots if shared is not None else None
@@ -568,9 +578,9 @@ class TransferEngine:
             for offset, layer, src_slot in layout.packed[done:upto]:
                 self._copy_slot(packed, offset, mine[layer], src_slot)
             done = upto
-            ops = [self._op(dist.irecv, staging[begin:end], src)
+            ops = [self._op(dist.irecv, staging[begin:end], src, tag)
                    for src, begin, end in layout.recv_spans[piece]]
-            ops += [self._op(dist.isend, packed[begin:end], dst)
+            ops += [self._op(dist.isend, packed[begin:end], dst, tag)
                     for dst, begin, end in layout.send_spans[piece]]
             # torch rejects an empty list; an idle rank simply has nothing to wait for.
             if ops:
@@ -585,8 +595,8 @@ class TransferEngine:
             t.to_buffer(buffer, offset, slot)
             offset += aligned(t.nbytes)
 
-    def _op(self, op: Any, tensor: torch.Tensor, peer: int) -> dist.P2POp:
-        return dist.P2POp(op, tensor, self._peer(peer), group=self._group)
+    def _op(self, op: Any, tensor: torch.Tensor, peer: int, tag: int = 0) -> dist.P2POp:
+        return dist.P2POp(op, tensor, self._peer(peer), group=self._group, tag=tag)
 
 
 if TYPE_CHECKING:  # mypy proves the classes satisfy the runtime's protocols

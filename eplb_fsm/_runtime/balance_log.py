@@ -35,6 +35,10 @@ class BalancednessLog:
         self._shape = (num_layers, num_physical)
         self._rounds: list[tuple[int, ReadinessRound]] = []
 
+    def drop(self) -> None:
+        """Forget the rounds in flight (one failed; every rank drops them alike)."""
+        self._rounds.clear()
+
     async def step(self, step: int, is_dummy: bool,
                    window: LoadWindow) -> npt.NDArray[Any] | None:
         """Launch and read this step's rounds; returns the last per-layer figure read."""

@@ -20,16 +20,18 @@ Timeline of an asynchronous rebalance (``lag`` = ``readiness_lag``)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._adapters.collectives import RoundAbandoned
 from .._adapters.interfaces import (
     AllReduce,
     FaultHook,
@@ -47,7 +49,16 @@ from .config import EplbConfig
 from .hooks import Hooks, LifecycleEvent
 from .job import Job, Planned, RebalanceFailed
 from .load_window import LoadWindow
-from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
+from .rounds import (
+    POLL_S,
+    PeerTimeout,
+    RoundOutcome,
+    encode_flags,
+    pause,
+    split_header,
+    wait_round,
+    with_header,
+)
 from .stats import ModelStats
 
 __all__ = ["ModelDriver", "RebalanceFailed"]
@@ -59,8 +70,14 @@ class ModelDriver:
     def __init__(self, name: str, model: MoEModel, placement: Placement, config: EplbConfig,
                  *, num_groups: int, allreduce: AllReduce, mover: WeightMover,
                  device: torch.device, executor: Executor, faults: FaultHook | None,
-                 hooks: Hooks | None = None, liveness: Heartbeat | None = None) -> None:
+                 hooks: Hooks | None = None, liveness: Heartbeat | None = None,
+                 index: int = 0) -> None:
         self.name = name
+        self.index = index  # the model's place in the runtime: part of its transfers' tags
+        # Failures so far: the same on every rank, since every rank fails a
+        # rebalance at the same step; carried in every round (rounds.Header).
+        self.epoch = 0
+        self._tagged = "tag" in inspect.signature(mover.stage).parameters
         self.model = model
         self.config = config
         self._num_groups = num_groups
@@ -96,6 +113,9 @@ class ModelDriver:
         self.lifecycle = lc.Lifecycle()
         self.stats = ModelStats()
         self._job: Job | None = None
+        # Plans given up on that still run, and the executor each occupies.
+        self._held: list[tuple[Future[Planned], Executor]] = []
+        self._spare: Executor | None = None
         self._balance_log = (BalancednessLog(name, config, allreduce, placement.num_layers,
                                              placement.num_physical)
                              if config.log_balancedness else None)
@@ -144,7 +164,13 @@ class ModelDriver:
     async def advance(self, step: int, is_dummy: bool) -> None:
         """The agreed work of `step`, after `record_pass` returned True for it."""
         if self._balance_log is not None:
-            per_layer = await self._balance_log.step(step, is_dummy, self._window)
+            try:
+                per_layer = await self._balance_log.step(step, is_dummy, self._window)
+            except Exception as exc:  # its round was abandoned (the same on every rank)
+                log.error("eplb balancedness log: model=%s step=%d: round failed, pending "
+                          "figures dropped: %s", self.name, step, exc)
+                self._balance_log.drop()
+                per_layer = None
             if per_layer is not None:
                 self.stats.measured_balancedness = per_layer
         if self.state == lc.FAILED:
@@ -181,23 +207,29 @@ class ModelDriver:
         if job.phase == "reduce":
             assert job.host_load is not None
             load = job.host_load.logical()
-            job.load_round = self._allreduce.launch(load.ravel())
+            job.load_round = self._allreduce.launch(with_header(
+                load.ravel(), self._rank, self._world, step, self.epoch))
             job.phase, job.due = "plan", step + lag
         elif job.phase == "plan":
             assert job.load_round is not None
-            values = await wait_round(job.load_round, self.config.peer_timeout_s)
-            job.reduced_load = values.reshape(self.placement.num_layers, -1)
-            job.plan_future = self._executor.submit(self._plan, job.reduced_load,
-                                                    self._p2l.copy(), step)
+            values = await wait_round(job.load_round, self.config.peer_timeout_s,
+                                      self._who(step))
+            if self._check_header(values, step):
+                return
+            job.reduced_load = split_header(values, self._world)[0].reshape(
+                self.placement.num_layers, -1)
+            job.planner = self._planner()
+            job.plan_future = job.planner.submit(self._plan, job.reduced_load,
+                                                 self._p2l.copy(), step)
             job.phase, job.due = "plan_round", step + lag
             job.round = None
         elif job.phase == "plan_round":
             if job.round is not None:
-                outcome = await self._outcome(job.round)
+                outcome = await self._outcome(job.round, step)
+                if self._check_outcome(job, step, outcome):
+                    return
                 if outcome.all_ready:
                     self._agree_on_plan(job, step)
-                    return
-                if self._check_outcome(job, step, outcome):
                     return
             job.round = self._launch_round(job, step, "planning", self._plan_ready(job))
             job.due = step + lag
@@ -208,7 +240,7 @@ class ModelDriver:
             job.phase, job.due = "transfer_round", step + lag
         elif job.phase == "transfer_round":
             assert job.round is not None
-            outcome = await self._outcome(job.round)
+            outcome = await self._outcome(job.round, step)
             if self._check_outcome(job, step, outcome):
                 return
             self._fire("round_resolved", step, lc.Facts(all_ready=outcome.all_ready))
@@ -220,6 +252,18 @@ class ModelDriver:
                 job.due = step + lag
 
     # -- planning -----------------------------------------------------------------------
+
+    def _planner(self) -> Executor:
+        """Where to plan: the runtime's planning thread, unless a plan given up on
+        (slower than the timeout) still occupies it; the next must not queue
+        behind it, or it would time out too."""
+        self._held = [(f, e) for f, e in self._held if not f.done()]
+        busy = [e for _, e in self._held]
+        if self._executor not in busy:
+            return self._executor
+        if self._spare is None or self._spare in busy:
+            self._spare = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
+        return self._spare
 
     def _plan(self, load: npt.NDArray[np.int64], old: npt.NDArray[np.int64],
               step: int) -> Planned:
@@ -290,14 +334,38 @@ class ModelDriver:
         try:
             if self._faults is not None:
                 self._faults.inject(self.name, "stage", step, job.layers)
+            weights = self.model.expert_weights
+            job.weights = _identity(weights, job.layers)
+            extra = {"tag": self._tag(step)} if self._tagged else {}
             job.staged = self._mover.stage(self._p2l, job.plan.physical_to_logical,
-                                           job.layers, self.model.expert_weights, prepared)
+                                           job.layers, weights, prepared, **extra)
         except Exception as exc:  # reported through the next round, so all ranks fail together
             job.local_error = exc
         job.phase, job.due = "transfer_launch", step + self.config.readiness_lag
 
+    def _tag(self, step: int) -> int:
+        """This model's transfer at `step`: a tag no other transfer of the last 2**24
+        steps shares (`TransferEngine.stage`)."""
+        return 1 + (step * 64 + self.index % 64) % (2 ** 30)
+
+    def _reallocated(self, job: Job) -> str | None:
+        """What changed, if the staged layers' weight tensors are no longer the
+        ones staged (an engine that reallocates its weights): committing would
+        write into memory the model no longer reads, or pull stale bytes."""
+        if job.weights is None or _identity(self.model.expert_weights, job.layers) == \
+                job.weights:
+            return None
+        return (f"rank {self._rank}: model {self.name!r}'s expert weights of layer(s) "
+                f"{list(job.layers)} were reallocated while staged; nothing of them is "
+                "committed (call EplbRuntime.share_weights() on every rank after "
+                "reallocating)")
+
     def _transfer_ready(self, job: Job) -> bool:
         if job.staged is None or job.local_error is not None:
+            return False
+        moved = self._reallocated(job)
+        if moved is not None:
+            job.local_error = RuntimeError(moved)
             return False
         try:
             return job.staged.ready()
@@ -309,9 +377,25 @@ class ModelDriver:
         assert job.staged is not None and job.plan is not None
         layers = list(job.layers)
         try:
-            if self._faults is not None:
-                self._faults.inject(self.name, "commit", step, job.layers)
-            job.staged.commit()
+            moved = self._reallocated(job)
+            if moved is not None:  # between the last round and now: write nothing
+                raise RuntimeError(moved)
+            for attempt in (1, 2):
+                try:
+                    if self._faults is not None:
+                        self._faults.inject(self.name, "commit", step, job.layers)
+                    job.staged.commit()
+                    break
+                except Exception as exc:
+                    # Every peer commits these layers now: a transient error (an
+                    # allocation, say) must not leave this rank's slots behind its
+                    # maps. The staged rows are intact; layers already committed
+                    # are skipped, so try once more before giving up.
+                    if attempt == 2:
+                        raise
+                    log.warning("eplb commit of layer(s) %s failed on rank %d (%s: %s); "
+                                "retrying once", list(job.layers), self._rank,
+                                type(exc).__name__, exc)
         except Exception as exc:
             # Every peer commits these layers at this step; this rank could not.
             # Its maps keep the old rows, its weights may be partly written. It
@@ -382,15 +466,36 @@ class ModelDriver:
             ready = self._faults.report_ready(self.name, phase, job.layers, step, ready)
         flags = encode_flags(self._rank, self._world, ready=ready,
                              errored=job.local_error is not None or job.fatal_error is not None,
-                             timed_out=time.monotonic() > job.deadline)
+                             timed_out=time.monotonic() > job.deadline, step=step,
+                             epoch=self.epoch)
         return self._allreduce.launch(flags)
 
-    async def _outcome(self, round_: ReadinessRound) -> RoundOutcome:
-        values = await wait_round(round_, self.config.peer_timeout_s)
+    async def _outcome(self, round_: ReadinessRound, step: int) -> RoundOutcome:
+        values = await wait_round(round_, self.config.peer_timeout_s, self._who(step))
         return RoundOutcome.decode(values, self._world)
+
+    def _who(self, step: int) -> str:
+        return f"rank {self._rank} (model {self.name!r}, step {step})"
+
+    def _check_header(self, values: npt.NDArray[np.int64], step: int) -> bool:
+        """Fail on every rank alike if the ranks disagree on the step or epoch."""
+        disagreement = split_header(values, self._world)[1].disagreement()
+        if disagreement is None:
+            return False
+        job = self._job
+        self._fail(step, f"model {self.name!r}: {self._where(job) if job else 'planning'} "
+                   f"failed: {disagreement}; a rank whose step counter drifted would commit "
+                   "a pass early or late, so nothing more is committed")
+        return True
 
     def _check_outcome(self, job: Job, step: int, outcome: RoundOutcome) -> bool:
         """Fail the rebalance if the round says so (on every rank alike); True if failed."""
+        disagreement = outcome.header.disagreement() if outcome.header is not None else None
+        if disagreement is not None:
+            self._fail(step, f"model {self.name!r}: {self._where(job)} failed: "
+                       f"{disagreement}; a rank whose step counter drifted would commit a "
+                       "pass early or late, so nothing more is committed")
+            return True
         if not outcome.failed:
             return False
         where = self._where(job)
@@ -411,6 +516,13 @@ class ModelDriver:
 
         The heartbeats name the peers that went quiet (a died or wedged rank).
         """
+        if isinstance(exc, (PeerTimeout, RoundAbandoned)):
+            # The round's verdict, the same words on every rank (rounds.wait_round).
+            silent = self._liveness.silent_ranks(wait=0) if self._liveness is not None else None
+            dead = f"; rank(s) {list(silent)} stopped answering (no heartbeat)" if silent else ""
+            self._fail(step, f"model {self.name!r}: {self._where(job)} failed{dead}: {exc}",
+                       cause=exc, ranks=tuple(silent or ()) or _named_ranks(str(exc)))
+            return
         silent = self._liveness.silent_ranks() if self._liveness is not None else None
         if silent:
             who = f"; rank(s) {list(silent)} stopped answering (no heartbeat)"
@@ -431,7 +543,11 @@ class ModelDriver:
         layers = job.layers if job is not None else ()
         if job is not None and job.staged is not None:
             job.staged.release()
+        if job is not None and job.plan_future is not None and job.planner is not None \
+                and not job.plan_future.done():
+            self._held.append((job.plan_future, job.planner))
         self._job = None
+        self.epoch += 1
         if self.lifecycle.may_fire("fail"):
             self._fire("fail", step)
         self.stats.failed += 1
@@ -441,6 +557,12 @@ class ModelDriver:
                   "placement)", message, step)
         if self.config.on_failure == "raise":
             raise RebalanceFailed(message, model=self.name, layers=layers, ranks=ranks) from cause
+
+    def report_error(self, exc: BaseException) -> None:
+        """Have the next readiness round report `exc` from this rank, so every rank
+        leaves the rebalance in flight together (no-op when none is)."""
+        if self._job is not None:
+            self._job.local_error = exc
 
     def abort(self, step: int, reason: str) -> None:
         """Leave an in-flight rebalance locally (used when the runtime is closed)."""
@@ -534,9 +656,13 @@ class ModelDriver:
         assert job is not None
         try:
             local = self._window.snapshot().logical() if load is None else load
-            values = await wait_round(self._allreduce.launch(local.ravel()),
-                                      self.config.peer_timeout_s)
-            job.reduced_load = values.reshape(self.placement.num_layers, -1)
+            values = await wait_round(self._allreduce.launch(with_header(
+                np.asarray(local).ravel(), self._rank, self._world, step, self.epoch)),
+                self.config.peer_timeout_s, self._who(step))
+            if self._check_header(values, step):
+                return
+            job.reduced_load = split_header(values, self._world)[0].reshape(
+                self.placement.num_layers, -1)
             future: Future[Planned] = Future()
             try:
                 future.set_result(self._plan(job.reduced_load, self._p2l.copy(), step))
@@ -544,7 +670,7 @@ class ModelDriver:
                 future.set_exception(exc)
             job.plan_future = future
             outcome = await self._outcome(
-                self._launch_round(job, step, "planning", self._plan_ready(job)))
+                self._launch_round(job, step, "planning", self._plan_ready(job)), step)
             if self._check_outcome(job, step, outcome):
                 return
             self._agree_on_plan(job, step)
@@ -562,8 +688,7 @@ class ModelDriver:
             raise
         except Exception as exc:
             if self._job is not None:
-                self._fail(step, f"model {self.name!r}: synchronous rearrangement failed on "
-                           f"rank {self._rank}: {type(exc).__name__}: {exc}", cause=exc)
+                self._fail_locally(self._job, step, exc)
             else:
                 raise
 
@@ -587,3 +712,18 @@ def _copy_rows(target: torch.Tensor, rows: npt.NDArray[np.int64], layers: list[i
         source = source.pin_memory()  # the caching host allocator keeps it until copied
     for i, layer in enumerate(layers):
         target[layer].copy_(source[i], non_blocking=cuda)
+
+
+def _identity(weights: Any, layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Which memory `layers`' weight tensors are: reallocation changes it."""
+    return tuple((id(t), t.data_ptr()) for layer in layers for t in weights[layer])
+
+
+def _named_ranks(verdict: str) -> tuple[int, ...]:
+    """The ranks a round's verdict names as late ("rank(s) [2, 3] had not launched")."""
+    marker = "rank(s) ["
+    start = verdict.find(marker)
+    if start < 0:
+        return ()
+    inner = verdict[start + len(marker):verdict.find("]", start)]
+    return tuple(int(r) for r in inner.split(",") if r.strip().isdigit())

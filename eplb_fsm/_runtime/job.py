@@ -7,7 +7,7 @@ agreed steps, and these records as plain data.
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,10 +57,12 @@ class Job:
     load_round: ReadinessRound | None = None
     reduced_load: npt.NDArray[np.int64] | None = None
     plan_future: Future[Planned] | None = None
+    planner: Executor | None = None  # where plan_future runs
     plan: Placement | None = None
     round: ReadinessRound | None = None
     batches: list[tuple[tuple[int, ...], Any]] = field(default_factory=list)
     layers: tuple[int, ...] = ()
     staged: StagedTransfer | None = None
+    weights: tuple[tuple[int, int], ...] | None = None  # the staged layers' tensors, as staged
     local_error: BaseException | None = None
     fatal_error: BaseException | None = None  # survives batches: reported every round

@@ -1,20 +1,31 @@
 """Readiness rounds: what each rank contributes and what all ranks learn.
 
-A round is one SUM all-reduce of ``1 + 2 * R`` int64 values:
+A round is one SUM all-reduce of ``1 + 4 * R`` int64 values:
 
-    [ timed_out, errored[0..R-1], not_ready[0..R-1] ]
+    [ timed_out, errored[0..R-1], not_ready[0..R-1], step[0..R-1], epoch[0..R-1] ]
 
 Rank r sets ``errored[r]`` if its local work raised, ``not_ready[r]`` if its
 work is not complete, and ``timed_out`` if the phase has outlasted the
 configured timeout on its clock. Every rank reads the same sums, so every
 rank takes the same decision at the same step — and an error names the
 ranks that were late or broken, not just how many.
+
+Every round, the load round included, also carries each rank's step and
+epoch (the header): steps are *agreed*, not assumed. A rank whose step
+counter or failure count drifted from its peers' would commit a pass early
+or late, routing tokens to slots whose weights are not there; instead the
+round shows the mismatch to every rank at once, and all fail loudly,
+naming the ranks and their steps.
+
+A round that does not complete in time is *abandoned* through its register
+(`_adapters.collectives`): every rank then fails on it at the same step with
+the same words, including a rank that completes it long after.
 """
 
 from __future__ import annotations
 
 import time
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import anyio
@@ -24,6 +35,7 @@ import numpy.typing as npt
 from .._adapters.interfaces import ReadinessRound
 
 __all__ = [
+    "Header",
     "PeerTimeout",
     "RoundOutcome",
     "deferred_cancellation",
@@ -35,13 +47,58 @@ __all__ = [
 POLL_S = 0.0002
 
 
+@dataclass(frozen=True)
+class Header:
+    """Each rank's step and epoch, as one round carried them (2 R values)."""
+
+    steps: tuple[int, ...]
+    epochs: tuple[int, ...]
+
+    @staticmethod
+    def encode(rank: int, world_size: int, step: int, epoch: int) -> npt.NDArray[np.int64]:
+        values = np.zeros(2 * world_size, dtype=np.int64)
+        values[rank] = step
+        values[world_size + rank] = epoch
+        return values
+
+    @classmethod
+    def decode(cls, values: npt.NDArray[np.int64], world_size: int) -> Header:
+        return cls(tuple(int(v) for v in values[:world_size]),
+                   tuple(int(v) for v in values[world_size:2 * world_size]))
+
+    def disagreement(self) -> str | None:
+        """None if every rank is at the same step and epoch, else what differs."""
+        if len(set(self.steps)) == 1 and len(set(self.epochs)) == 1:
+            return None
+        what = []
+        if len(set(self.steps)) > 1:
+            what.append("steps " + ", ".join(f"rank {r}: {s}" for r, s in enumerate(self.steps)))
+        if len(set(self.epochs)) > 1:
+            what.append("epochs " + ", ".join(f"rank {r}: {e}"
+                                              for r, e in enumerate(self.epochs)))
+        return "ranks disagree on " + "; ".join(what)
+
+
+def with_header(values: npt.NDArray[np.int64], rank: int, world_size: int, step: int,
+                epoch: int) -> npt.NDArray[np.int64]:
+    """`values` followed by this rank's header (see `Header`)."""
+    return np.concatenate([np.asarray(values, dtype=np.int64).ravel(),
+                           Header.encode(rank, world_size, step, epoch)])
+
+
+def split_header(values: npt.NDArray[np.int64],
+                 world_size: int) -> tuple[npt.NDArray[np.int64], Header]:
+    cut = len(values) - 2 * world_size
+    return values[:cut], Header.decode(values[cut:], world_size)
+
+
 def encode_flags(rank: int, world_size: int, *, ready: bool, errored: bool,
-                 timed_out: bool) -> npt.NDArray[np.int64]:
+                 timed_out: bool, step: int = 0, epoch: int = 0) -> npt.NDArray[np.int64]:
     values = np.zeros(1 + 2 * world_size, dtype=np.int64)
     values[0] = int(timed_out)
     values[1 + rank] = int(errored)
     values[1 + world_size + rank] = int(not ready)
-    return values
+    return with_header(values, rank, world_size, step, epoch)
 
 
 @dataclass(frozen=True)
@@ -49,13 +106,16 @@ class RoundOutcome:
     timed_out: bool
     errored_ranks: tuple[int, ...]
     not_ready_ranks: tuple[int, ...]
+    header: Header | None = None
 
     @classmethod
     def decode(cls, values: npt.NDArray[np.int64], world_size: int) -> RoundOutcome:
         errored = values[1:1 + world_size]
         not_ready = values[1 + world_size:1 + 2 * world_size]
+        header = (Header.decode(values[1 + 2 * world_size:], world_size)
+                  if len(values) >= 1 + 4 * world_size else None)
         return cls(bool(values[0] > 0), tuple(int(r) for r in np.flatnonzero(errored)),
-                   tuple(int(r) for r in np.flatnonzero(not_ready)))
+                   tuple(int(r) for r in np.flatnonzero(not_ready)), header)
 
     @property
     def all_ready(self) -> bool:
@@ -87,20 +147,23 @@ class _Deferral:
     and steps it twice through Python frames; this is two C calls.
     """
 
-    __slots__ = ("_held", "_token")
+    __slots__ = ("_held", "_previous")
 
     def __init__(self) -> None:
         self._held: list[BaseException] = []
-        self._token: Token[list[BaseException] | None] | None = None
+        self._previous: list[BaseException] | None = None
 
     def __enter__(self) -> list[BaseException]:
-        self._token = _deferred.set(self._held)
+        self._previous = _deferred.get()
+        _deferred.set(self._held)
         return self._held
 
     def __exit__(self, *exc_info: object) -> None:
-        assert self._token is not None
-        _deferred.reset(self._token)
-        self._token = None
+        # set(), not reset(token): a step's work may end in another task's
+        # context than it began in (EplbRuntime.step runs it up to its first
+        # wait in the caller's), where a token from the first is refused.
+        _deferred.set(self._previous)
+        self._previous = None
 
 
 def deferred_cancellation() -> _Deferral:
@@ -139,17 +202,37 @@ async def pause(seconds: float) -> None:
         time.sleep(seconds)
 
 
-async def wait_round(round_: ReadinessRound, timeout_s: float) -> npt.NDArray[np.int64]:
+async def wait_round(round_: ReadinessRound, timeout_s: float,
+                     who: str = "") -> npt.NDArray[np.int64]:
     """The round's result, yielding to the event loop while it is not done.
 
     In the common case the round completed long ago and this returns at
     once. Otherwise it polls (other tasks keep running) until `timeout_s`,
-    then raises `PeerTimeout`: a peer that never answers cannot hang us.
+    then gives the round up (`abandon`, where the transport supports it) and
+    raises `PeerTimeout` with the verdict every rank will see: a peer that
+    never answers cannot hang us. If the round was confirmed done elsewhere
+    first, it waits one more `timeout_s` for it instead. `who` (e.g. "rank 2
+    at step 40") opens the verdict.
     """
     if not round_.done():
         deadline = time.monotonic() + timeout_s
+        extended = False
         while not round_.done():
             if time.monotonic() > deadline:
-                raise PeerTimeout(f"no answer from every peer within {timeout_s:g} s")
+                verdict = _abandon(round_, who, timeout_s)
+                if verdict is None and not extended:
+                    extended, deadline = True, time.monotonic() + timeout_s
+                    continue
+                raise PeerTimeout(verdict or f"no answer from every peer within {timeout_s:g} s")
             await pause(POLL_S)
     return round_.result(timeout=timeout_s)
+
+
+def _abandon(round_: ReadinessRound, who: str, timeout_s: float) -> str | None:
+    """Give `round_` up; the verdict for every rank, or None if it completed elsewhere."""
+    stragglers = getattr(round_, "stragglers", None)
+    late = stragglers() if stragglers is not None else None
+    why = f"no answer from every peer within {timeout_s:g} s ({who or 'a rank'} gave up"
+    why += f"; rank(s) {list(late)} had not launched the round)" if late else ")"
+    abandon = getattr(round_, "abandon", None)
+    return abandon(why) if abandon is not None else why

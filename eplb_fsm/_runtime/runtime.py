@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -92,6 +92,57 @@ def _check_weights(model: Any) -> None:
                     f"num_local_physical_experts={model.num_local_physical_experts}")
 
 
+def _describe(model: Any, config: EplbConfig) -> tuple[Any, ...]:
+    """What every rank must agree on before any byte moves: the settings that shape
+    rounds and plans, and each weight tensor's shape and dtype by layer."""
+    settings = tuple(getattr(config, f) for f in (
+        "window_size", "step_interval", "readiness_lag", "layers_per_transfer", "policy",
+        "num_nodes", "use_async", "transfer_path", "log_balancedness"))
+    tensors = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in layer)
+                    for layer in model.expert_weights)
+    return settings, tensors
+
+
+def _agree_on_weights(model: Any, name: str, config: EplbConfig, cpu_group: Any) -> None:
+    """Raise ValueError, on every rank alike, where ranks disagree on `_describe`.
+
+    The engine moves raw bytes: a rank whose experts are another dtype or
+    width than its peers' would receive bytes it reads as garbage, and every
+    rebalance would report success. Every rank sees every rank's description,
+    so all raise the same error, before anything changes.
+    """
+    import torch.distributed as dist
+
+    mine = _describe(model, config)
+    every: list[Any] = [None] * dist.get_world_size(cpu_group)
+    dist.all_gather_object(every, mine, group=cpu_group)
+    first = every[0]
+    for rank, theirs in enumerate(every):
+        if theirs == first:
+            continue
+        if theirs[0] != first[0]:
+            raise ValueError(f"model {name!r}: rank {rank}'s EplbConfig differs from rank 0's "
+                             f"(window_size, step_interval, readiness_lag, "
+                             f"layers_per_transfer, policy, num_nodes, use_async, "
+                             f"transfer_path, log_balancedness: {theirs[0]} vs {first[0]}); "
+                             "every rank must use the same settings")
+        layers, ref = theirs[1], first[1]
+        if len(layers) != len(ref):
+            raise ValueError(f"model {name!r}: rank {rank} has {len(layers)} MoE layers of "
+                             f"expert weights, rank 0 has {len(ref)}")
+        for layer, (got, want) in enumerate(zip(layers, ref, strict=True)):
+            if len(got) != len(want):
+                raise ValueError(f"model {name!r}: rank {rank}'s expert_weights[{layer}] "
+                                 f"holds {len(got)} tensors, rank 0's {len(want)}")
+            for index, (g, w) in enumerate(zip(got, want, strict=True)):
+                if g != w:
+                    raise ValueError(
+                        f"model {name!r}: rank {rank}'s expert_weights[{layer}][{index}] is "
+                        f"{g[1]} of shape {list(g[0])}, rank 0's is {w[1]} of shape "
+                        f"{list(w[0])}; every rank must hold the same shapes and dtypes "
+                        "(the engine moves raw bytes)")
+
+
 class EplbRuntime:
     """Drives every model's rebalance lifecycle from the serving loop.
 
@@ -104,6 +155,7 @@ class EplbRuntime:
     """
 
     _liveness: Heartbeat | None
+    _cpu_group: Any
 
     def __init__(self, config: EplbConfig, group: Any = None, cpu_group: Any = None,
                  device: torch.device | str | None = None) -> None:
@@ -129,6 +181,7 @@ class EplbRuntime:
             # here, not inside a serving step.
             mover.warm_up(device)
         self._setup(config, allreduce, mover, device, None, None)
+        self._cpu_group = cpu_group
         self._liveness = Heartbeat.for_default_group(dist.get_rank(group),
                                                      dist.get_world_size(group),
                                                      dist.get_process_group_ranks(group))
@@ -167,7 +220,9 @@ class EplbRuntime:
         self._drivers: dict[str, ModelDriver] = {}
         self._hooks = Hooks()
         self._liveness = None
+        self._cpu_group = None  # set when built on torch.distributed (add_model agrees on it)
         self._step = 0
+        self._rest: _Rest | None = None
         self._released = False
         self.last_reconfiguration: Reconfigured | None = None
         # One worker: plans are rare, and one at a time keeps memory flat.
@@ -206,15 +261,41 @@ class EplbRuntime:
         driver = ModelDriver(
             name, model, placement, self.config, num_groups=groups, allreduce=self._allreduce,
             mover=self._mover, device=self._device, executor=self._executor,
-            faults=self._faults, hooks=self._hooks, liveness=self._liveness)
+            faults=self._faults, hooks=self._hooks, liveness=self._liveness,
+            index=len(self._drivers))
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
         _check_weights(model)
+        if share and self._cpu_group is not None:
+            _agree_on_weights(model, name, self.config, self._cpu_group)
         share_weights = getattr(self._mover, "share_weights", None)
         if share and share_weights is not None and self.config.transfer_path != "nccl":
             # Collective, like add_model itself: peers map these weights for pulls.
             share_weights(model.expert_weights)
         self._drivers[name] = driver
+
+    def share_weights(self) -> None:
+        """Tell the transfer engine where every model's expert weights are now.
+
+        Call on every rank at the same step, between passes and while no
+        rebalance is in flight (`busy` is False), after the engine reallocated
+        expert weights (a CUDA-graph recapture, a weight reload into new
+        tensors). Until then, a rebalance whose staged layers' weights were
+        reallocated fails on every rank before anything is written, and the
+        pull path refuses weights other than the ones shared. Collective on
+        the CPU group: every rank re-checks with its peers that the weights'
+        layers, shapes and dtypes agree.
+        """
+        if self.busy:
+            raise ValueError("share_weights() while a rebalance is in flight would change "
+                             "the weights under a staged transfer; call it when busy is False")
+        share = getattr(self._mover, "share_weights", None)
+        for name, driver in self._drivers.items():
+            _check_weights(driver.model)
+            if self._cpu_group is not None:
+                _agree_on_weights(driver.model, name, self.config, self._cpu_group)
+            if share is not None and self.config.transfer_path != "nccl":
+                share(driver.model.expert_weights)
 
     def off(self, kind: str, callback: Callable[[LifecycleEvent], Any]) -> None:
         """Stop calling `callback` for `kind` (events already queued still arrive)."""
@@ -233,31 +314,53 @@ class EplbRuntime:
 
     # -- the hook -----------------------------------------------------------------------
 
-    async def step(self, is_dummy: bool = False, is_profile: bool = False) -> None:
-        """Call once per forward pass on every rank, after the pass.
+    def step(self, is_dummy: bool = False,
+             is_profile: bool = False) -> Coroutine[Any, Any, None]:
+        """Call once per forward pass on every rank, after the pass, and await the result.
 
         ``is_dummy``: the pass served no real tokens (records no load, still
         counts). ``is_profile``: allocate the transfer engine's peak buffers once
         so the engine's memory profiling sees them; does not count as a step.
-        Raises `RebalanceFailed` (with ``on_failure="raise"``) after every model
-        has taken this step, so models stay in step with each other.
+        The awaitable raises `RebalanceFailed` (with ``on_failure="raise"``)
+        after every model has taken this step, so models stay in step.
 
+        The pass is counted, and the step's agreed work done, when `step()` is
+        *called*, not when its result is awaited: the step counter must be the
+        same on every rank (each round checks it), and a task cancelled before
+        it ever ran (``asyncio.wait_for(rt.step(), 0)``) would otherwise drop a
+        pass on one rank and shift its every later commit. The awaitable holds
+        only what had to wait (a round not yet complete, which is rare).
         Cancelling the task that awaits it is safe: a step that has started
         finishes its agreed work first (its waits are bounded by
-        ``peer_timeout_s``), then the cancellation is raised, and the next
-        call goes on from a consistent state.
+        ``peer_timeout_s``), then the cancellation is raised. If that rest is
+        never awaited at all, the next `step()` finishes it first; if that
+        committed layers, they came a pass late on this rank, and the model's
+        rebalance is reported failed on every rank.
         """
         if is_profile:
             self.profile()
-            return
+            return _nothing()
         if self._released:
             raise RuntimeError("this rank left the deployment (EplbRuntime.reconfigure "
                                "released it); it has nothing left to balance")
+        if self._rest is not None:
+            self._finish_rest()
         self._step += 1
         step = self._step
         due = [d for d in self._drivers.values() if d.record_pass(step, is_dummy)]
         if not due:
-            return  # nothing agreed at this step: no await, nothing to cancel
+            return _nothing()  # nothing agreed at this step: no await, nothing to cancel
+        work = self._agreed(step, due, is_dummy)
+        try:
+            first = work.send(None)
+        except StopIteration:
+            return _nothing()
+        except BaseException as exc:
+            return _raise(exc)
+        rest = self._rest = _Rest(work, first, step)
+        return self._await_rest(rest)
+
+    async def _agreed(self, step: int, due: list[ModelDriver], is_dummy: bool) -> None:
         errors: list[RebalanceFailed] = []
         with deferred_cancellation() as cancelled:
             for driver in due:
@@ -269,6 +372,35 @@ class EplbRuntime:
             raise cancelled[0]
         if errors:
             raise errors[0]
+
+    async def _await_rest(self, rest: _Rest) -> None:
+        try:
+            await rest
+        finally:
+            if self._rest is rest:
+                self._rest = None
+
+    def _finish_rest(self) -> None:
+        """The last step's agreed work waited, and its awaitable was never awaited (or
+        is still suspended: two `step()` calls at once). Finish it here, blocking,
+        and fail the rebalances it belonged to: it ran a pass late."""
+        rest, self._rest = self._rest, None
+        assert rest is not None
+        if rest.started:
+            self._rest = rest
+            raise RuntimeError("step() called again while the previous step's agreed work "
+                               "is still running; await each step() before the next")
+        before = {name: d.stats.layers_committed for name, d in self._drivers.items()}
+        rest.run_blocking()
+        message = (f"the agreed work of step {rest.step} ran late on rank "
+                   f"{self._allreduce.rank}: the task awaiting step() was cancelled before it "
+                   "started, so this rank committed a pass after its peers")
+        for name, driver in self._drivers.items():
+            # Launches and reads may run late harmlessly (they pair by order and
+            # tag); a late commit routed one pass with the old maps here.
+            if driver.stats.layers_committed != before[name]:
+                log.error("eplb model=%s %s", name, message)
+                driver.report_error(RuntimeError(message))
 
     def profile(self) -> None:
         profile = getattr(self._mover, "profile", None)
@@ -419,3 +551,63 @@ class EplbRuntime:
         self._hooks.close()
         if self._liveness is not None:
             self._liveness.close()
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+class _Rest:
+    """The rest of a step's agreed work, from its first wait on.
+
+    `EplbRuntime.step` runs the work up to the point where it must wait, then
+    hands the suspended coroutine here; awaiting this resumes it in the
+    awaiting task, forwarding what it yields (asyncio futures, trio traps)
+    and what is thrown into it (a cancellation), exactly as if it had been
+    awaited directly.
+    """
+
+    __slots__ = ("_work", "_yielded", "started", "step")
+
+    def __init__(self, work: Coroutine[Any, Any, None], yielded: Any, step: int) -> None:
+        self._work = work
+        self._yielded = yielded
+        self.started = False
+        self.step = step
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        self.started = True
+        work, value = self._work, self._yielded
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                work.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = work.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = work.send(sent)
+                except StopIteration:
+                    return
+
+    def run_blocking(self) -> None:
+        """Finish the work without an event loop: each wait becomes a blocking
+        poll (`rounds.pause` holds a cancellation and sleeps), and what it
+        raises at the end is logged by the drivers already."""
+        self.started = True
+        while True:
+            try:
+                self._work.throw(asyncio.CancelledError())
+            except StopIteration:
+                return
+            except BaseException:  # the held cancellation, or a failure (logged)
+                return

@@ -227,7 +227,7 @@ class _FakeMover:
     def stage(self, old_physical_to_logical: npt.NDArray[np.int64],
               new_physical_to_logical: npt.NDArray[np.int64], layers: Sequence[int],
               expert_weights: Sequence[Sequence[torch.Tensor]],
-              prepared: Any = None) -> _FakeStaged:
+              prepared: Any = None, tag: int = 0) -> _FakeStaged:
         peers = self._cluster._weights_of(expert_weights)
         n = len(expert_weights[0][0])
         copies, received = [], 0

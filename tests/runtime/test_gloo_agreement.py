@@ -1,0 +1,121 @@
+"""What ranks must agree on, checked on real gloo processes: the shapes and dtypes they
+move, the weights' memory while staged, and the step count even when a task awaiting
+`step()` is cancelled before it ever ran. None of these may corrupt weights silently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb_fsm import EplbConfig, EplbRuntime, RebalanceFailed
+from eplb_fsm.testing import TaggedMoEModel, run_ranks
+
+L, E, REDUNDANT, WORLD = 4, 12, 3, 3
+INTERVAL = 40
+
+
+def _config() -> EplbConfig:
+    return EplbConfig(window_size=10, step_interval=INTERVAL, num_redundant_experts=REDUNDANT,
+                      readiness_lag=2, peer_timeout_s=3.0)
+
+
+def _feed(model: TaggedMoEModel, step: int) -> None:
+    rng = np.random.default_rng(step // INTERVAL)
+    model.feed(np.stack([rng.permutation(np.arange(1, E + 1) ** 2) for _ in range(L)]))
+
+
+def _other_dtype(rank: int, world: int) -> str:
+    model = TaggedMoEModel(rank, world, L, E, REDUNDANT)
+    if rank == 2:  # same shapes, other dtype: its bytes would be garbage to its peers
+        model.expert_weights[1][0] = model.expert_weights[1][0].to(torch.float64)
+    rt = EplbRuntime(_config())
+    try:
+        rt.add_model(model, "main")
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        rt.close()
+    return "accepted"
+
+
+def test_ranks_with_other_dtypes_are_refused_on_every_rank_before_any_byte_moves() -> None:
+    errors = run_ranks(_other_dtype, WORLD, timeout=90)
+    assert all(e == errors[0] for e in errors), errors
+    assert "rank 2's expert_weights[1][0] is torch.float64" in errors[0], errors[0]
+    assert "rank 0's is torch.float32" in errors[0]
+
+
+def _serve(rank: int, world: int, scenario: str) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        rt = EplbRuntime(_config())
+        model = TaggedMoEModel(rank, world, L, E, REDUNDANT)
+        rt.add_model(model, "main")
+        errors: list[tuple[int, str]] = []
+        reallocated = False
+        for _ in range(125):
+            _feed(model, rt.step_count)
+            if scenario == "reallocate" and rank == 1 and not reallocated and \
+                    rt.phase() == "awaiting_all_ranks":
+                # The engine rebuilds its buffers while a layer is staged: same
+                # values, new memory.
+                model.expert_weights = [[t.clone() for t in layer]
+                                        for layer in model.expert_weights]
+                reallocated = True
+            if scenario == "reallocate" and rt.step_count == 70:
+                rt.share_weights()  # every rank, at the same step, between rebalances
+            try:
+                if scenario == "cancel" and rank == 1 and rt.step_count % 7 == 3:
+                    # The awaiting task is cancelled before it ever runs.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(rt.step(), 0)
+                else:
+                    await rt.step()
+            except RebalanceFailed as exc:
+                errors.append((rt.step_count, str(exc)))
+        stats = rt.stats()["models"]["main"]["rebalances"]
+        placement = rt.placement()
+        result = {"errors": errors, "steps": rt.step_count, "done": stats["done"],
+                  "dropped": stats["dropped"],
+                  "failed": stats["failed"], "history": [tuple(r) for r in rt.history()],
+                  "wrong_slots": model.wrong_slots(placement.physical_to_logical),
+                  "maps_agree": bool(np.array_equal(model.logical_to_physical_map.numpy(),
+                                                    placement.logical_to_physical))}
+        rt.close()
+        return result
+
+    return asyncio.run(main())
+
+
+def _common(results: list[dict[str, Any]]) -> None:
+    assert all(r["history"] == results[0]["history"] for r in results)
+    for r in results:
+        assert r["wrong_slots"] == [] and r["maps_agree"], r
+
+
+def test_weights_reallocated_while_staged_fail_loudly_then_balance_after_sharing() -> None:
+    results = run_ranks(_serve, WORLD, "reallocate", timeout=120)
+    _common(results)
+    for r in results:
+        assert r["failed"] == 1 and r["done"] >= 1, r
+        assert len(r["errors"]) == 1 and r["errors"][0][0] == results[0]["errors"][0][0]
+        assert "rank(s) [1] reported an error" in r["errors"][0][1]
+    assert "were reallocated while staged" in results[1]["errors"][0][1]
+
+
+def test_a_step_whose_task_is_cancelled_before_it_runs_still_counts() -> None:
+    results = run_ranks(_serve, WORLD, "cancel", timeout=120)
+    _common(results)
+    for r in results:
+        assert r["steps"] == 125, r
+        # Most cancelled steps had done all their work when step() was called. One
+        # whose work had to wait, and committed when the next step() finished it,
+        # committed a pass late: then every rank fails that rebalance, loudly.
+        assert [e[0] for e in r["errors"]] == [e[0] for e in results[0]["errors"]]
+        assert r["failed"] == len(r["errors"]) <= 1, r
+        assert r["done"] >= 1, r
+    for _, message in results[1]["errors"]:
+        assert "ran late on rank 1" in message, message

@@ -57,7 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"planning policy (known: {', '.join(available_policies())})")
     p.add_argument("--option", type=policy_option, action="append", default=[],
                    metavar="KEY=VALUE", help="a policy option, repeatable (incremental: "
-                   "tolerance=0.005, reference=default, max_rounds=64; refined: rounds=48)")
+                   "tolerance=0.005, reference=default, max_rounds=64; refined: rounds=48; "
+                   "time: cost_model=FILE from eplb-fsm calibrate, passes=1, rounds=48)")
     p.add_argument("--old", type=Path, help="previous placement (.npz or .json); "
                    "'before' figures and moved slots are measured against it")
     p.add_argument("--minimize-moves", action=argparse.BooleanOptionalAction, default=None,

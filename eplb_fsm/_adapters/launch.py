@@ -11,6 +11,25 @@ and rank 0 hands the port to the others. Picking a free port in the parent
 and binding it later in rank 0 raced with every other process on the
 machine (tests run in parallel, and gloo opens ephemeral ports): it failed
 once with EADDRINUSE.
+
+Start-up barrier. ``init_process_group`` returns on a rank once *its* side of
+gloo's full mesh is connected, which may be before a peer's side is: a rank
+that then ran `fn`, raised and exited closed its sockets under a peer still
+in ``connectFullMesh`` ("Connection closed by peer"), and the run reported
+whichever of the two failures reached the parent first. So no rank calls
+`fn` before every rank has returned from ``init_process_group`` (a counter
+in the store).
+
+Reports. Each rank writes its outcome (value, or traceback and the time it
+raised) into its own pipe *synchronously*, before it tears down its process
+group or exits; the parent waits on every pipe and every process at once. A
+failure a peer causes (its exit, its closed sockets) therefore always comes
+after the peer's own report is readable. When ranks fail, `RankFailed` tells
+the earliest failure first, with its traceback, and names the others after
+it: ranks that raised later (how much later), ranks that exited without a
+result (a death is timed when the parent sees the process end), ranks still
+not finished when the parent stops waiting for them (``_SETTLE_S`` after the
+first failure; they are killed).
 """
 
 from __future__ import annotations
@@ -18,16 +37,24 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing as mp
+import multiprocessing.connection as mpc
 import os
 import pickle
-import queue
 import socket
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["RankFailed", "free_port", "run_ranks"]
+
+#: Store keys of the start-up barrier (one fresh store per run).
+_STARTED = "eplb_fsm.run_ranks/started"
+_GO = "eplb_fsm.run_ranks/go"
+#: After the first failure, how long the parent waits for the other ranks to
+#: report or end (only to name them: the first failure is already known).
+_SETTLE_S = 3.0
 
 
 class RankFailed(RuntimeError):
@@ -41,6 +68,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _start_barrier(store: Any, world_size: int, timeout_s: float) -> None:
+    """Return once every rank has called this, i.e. finished ``init_process_group``."""
+    if int(store.add(_STARTED, 1)) == world_size:
+        store.set(_GO, b"1")
+    try:
+        store.wait([_GO], datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:
+        arrived = "?"
+        with contextlib.suppress(Exception):
+            arrived = str(int(store.add(_STARTED, 0)))
+        raise TimeoutError(f"start-up barrier: {arrived} of {world_size} ranks finished "
+                           f"init_process_group within {timeout_s:.0f} s ({exc})") from None
+
+
 def _rank_main(
     fn: Callable[..., Any],
     rank: int,
@@ -49,7 +90,7 @@ def _rank_main(
     backend: str,
     timeout_s: float,
     args: Sequence[Any],
-    results: Any,
+    report: mpc.Connection,
 ) -> None:
     import torch.distributed as dist
 
@@ -71,18 +112,61 @@ def _rank_main(
                           RANK=str(rank), WORLD_SIZE=str(world_size))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout)
+        _start_barrier(store, world_size, timeout_s)
         value = fn(rank, world_size, *args)
         # Pickled here, by value: the queue's own pickler would send tensors as
         # shared-memory handles that the parent can only open while this
         # process lives, and it may exit before the parent reads them.
-        results.put((rank, True, pickle.dumps(value)))
+        message = pickle.dumps((True, 0.0, pickle.dumps(value)))
     except BaseException:  # report everything, including KeyboardInterrupt, to the parent
-        results.put((rank, False, traceback.format_exc()))
+        message = pickle.dumps((False, time.monotonic(), traceback.format_exc()))
+    try:
+        # Synchronous: written before any teardown below can disturb a peer.
+        report.send_bytes(message)
+        report.close()
     finally:
         if dist.is_initialized():
             # A peer's death can break teardown; the result is already sent.
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    at: float  # time.monotonic(): when the rank raised, or when its exit was seen
+    rank: int
+    traceback: str | None  # None: exited without a result
+    exitcode: int | None = None
+
+    def summary(self, first: float) -> str:
+        later = f"{self.at - first:.3f} s later"
+        if self.traceback is None:
+            return f"rank {self.rank} exited without a result (exit code {self.exitcode}, {later})"
+        lines = [line for line in self.traceback.strip().splitlines() if line.strip()]
+        return f"rank {self.rank} raised {lines[-1].strip() if lines else '?'} ({later})"
+
+
+def _failure_message(failures: list[_Failure], running: list[int]) -> str:
+    failures = sorted(failures, key=lambda f: f.at)
+    root = failures[0]
+    if root.traceback is not None:
+        head = f"rank {root.rank} raised:\n{root.traceback.rstrip()}"
+        others = failures[1:]
+    else:
+        # Deaths are timed only when the parent sees them: name every one here.
+        dead = sorted((f for f in failures if f.traceback is None), key=lambda f: f.rank)
+        codes = {f.rank: f.exitcode for f in dead}
+        head = (f"rank(s) {sorted(codes)} exited without a result "
+                f"(exit codes {codes})")
+        others = [f for f in failures if f.traceback is not None]
+    notes = [f.summary(root.at) for f in others]
+    if running:
+        notes.append(f"rank(s) {running} had not finished when the run stopped waiting "
+                     f"(killed)")
+    if not notes:
+        return head
+    return head + "\nthe first failure of the run; after it:\n" + \
+        "\n".join(f"  {note}" for note in notes)
 
 
 def run_ranks(
@@ -95,64 +179,109 @@ def run_ranks(
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
 
-    `fn` and `args` must be picklable (a module-level function). Returns the
-    ranks' return values in rank order; raises `RankFailed` if any rank
-    raises, exits without a result, or the run outlasts `timeout` seconds.
-    Ranks in `may_die` (fault-injection tests) may exit without a result;
-    their value is None.
+    `fn` and `args` must be picklable (a module-level function). No rank calls
+    `fn` before every rank has joined the process group. Returns the ranks'
+    return values in rank order; raises `RankFailed` if any rank raises,
+    exits without a result, or the run outlasts `timeout` seconds. Where
+    several ranks fail, the message starts with the earliest failure (with
+    its traceback) and names the others. Ranks in `may_die` (fault-injection
+    tests) may exit without a result; their value is None.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = ctx.Value("i", 0)  # set by rank 0 once its store is bound
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     procs = [
         ctx.Process(target=_rank_main, daemon=True,
-                    args=(fn, rank, world_size, port, backend, timeout, args, results))
+                    args=(fn, rank, world_size, port, backend, timeout, args, pipes[rank][1]))
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + timeout
-    values: dict[int, Any] = {}
-    expected = set(range(world_size))
+    readers: dict[Any, int] = {}
+    succeeded = False
     try:
-        while not expected <= values.keys():
-            try:
-                rank, ok, value = results.get(timeout=0.2)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs)
-                        if r not in values and p.exitcode is not None]
-                if dead:
-                    # Give a dying rank's last message a moment to arrive.
-                    time.sleep(0.5)
-                    while not results.empty():
-                        rank, ok, value = results.get()
-                        if not ok:
-                            raise RankFailed(f"rank {rank} raised:\n{value}") from None
-                        values[rank] = pickle.loads(value)
-                    dead = [r for r in dead if r not in values]
-                    for r in [r for r in dead if r in may_die]:
-                        values[r] = None
-                        dead.remove(r)
-                    if dead:
-                        codes = {r: procs[r].exitcode for r in dead}
-                        raise RankFailed(f"rank(s) {dead} exited without a result "
-                                         f"(exit codes {codes})") from None
-                if time.monotonic() > deadline:
-                    missing = [r for r in range(world_size) if r not in values]
-                    raise RankFailed(f"rank(s) {missing} did not finish within "
-                                     f"{timeout:.0f} s") from None
-                continue
-            if not ok:
-                raise RankFailed(f"rank {rank} raised:\n{value}")
-            values[rank] = pickle.loads(value)
+        for rank, proc in enumerate(procs):
+            proc.start()
+            reader, writer = pipes[rank]
+            writer.close()  # the child holds the only writer: its exit is EOF here
+            readers[reader] = rank
+        values = _collect(procs, readers, timeout, set(may_die))
+        succeeded = True
+        return values
     finally:
-        for proc in procs:
-            proc.join(timeout=5)
-        for proc in procs:
+        started = [proc for proc in procs if proc.pid is not None]
+        if succeeded:  # every rank reported: let them tear down their groups
+            until = time.monotonic() + 5
+            for proc in started:
+                proc.join(timeout=max(0.0, until - time.monotonic()))
+        for proc in started:  # after a failure nothing more is to come from any rank
             if proc.is_alive():
                 proc.kill()
-                proc.join(timeout=5)
-        results.close()
-    return [values[r] for r in range(world_size)]
+        for proc in started:
+            proc.join(timeout=5)
+        for reader, writer in pipes:
+            reader.close()
+            writer.close()
+
+
+def _collect(procs: list[Any], readers: dict[Any, int], timeout: float,
+             may_die: set[int]) -> list[Any]:
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout
+    values: dict[int, Any] = {}
+    failures: list[_Failure] = []
+    exited: dict[int, float] = {}  # rank -> when its end was seen
+    sentinels = {proc.sentinel: rank for rank, proc in enumerate(procs)}
+    settle_by: float | None = None
+
+    def read(reader: Any) -> None:
+        """Everything readable on `reader` now (several messages never come, but
+        EOF does once the rank has exited)."""
+        rank = readers[reader]
+        while reader.poll():
+            try:
+                ok, at, payload = pickle.loads(reader.recv_bytes())
+            except (EOFError, OSError):
+                del readers[reader]
+                return
+            if ok:
+                values[rank] = pickle.loads(payload)
+            else:
+                failures.append(_Failure(at, rank, payload))
+
+    while True:
+        reported = values.keys() | {f.rank for f in failures}
+        for rank, seen in exited.items():
+            if rank not in reported:
+                if rank in may_die:
+                    values[rank] = None
+                else:
+                    # Its sentinel closes as it exits, a moment before it can be reaped.
+                    procs[rank].join(timeout=5)
+                    failures.append(_Failure(seen, rank, None, procs[rank].exitcode))
+                reported = reported | {rank}
+        pending = [r for r in range(world_size) if r not in reported]
+        now = time.monotonic()
+        if failures:
+            if settle_by is None:
+                settle_by = min(now + _SETTLE_S, deadline)
+            if not pending or now >= settle_by:
+                raise RankFailed(_failure_message(failures, pending))
+        elif not pending:
+            return [values[r] for r in range(world_size)]
+        elif now > deadline:
+            raise RankFailed(f"rank(s) {pending} did not finish within {timeout:.0f} s")
+        until = deadline if settle_by is None else settle_by
+        waitables = [*readers, *(s for s, r in sentinels.items() if r not in exited)]
+        ready = mpc.wait(waitables, timeout=max(0.0, until - now) + 0.01)
+        seen = time.monotonic()
+        for obj in ready:
+            if obj in readers:
+                read(obj)
+        for obj in ready:
+            if obj in sentinels:
+                rank = sentinels[obj]
+                # A rank writes its report before it exits: drain it first.
+                for reader in [r for r, owner in readers.items() if owner == rank]:
+                    read(reader)
+                exited[rank] = seen

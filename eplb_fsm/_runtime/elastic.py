@@ -181,15 +181,26 @@ class Reconfiguration:
                                  f"old_ranks {list(groups.old_ranks)} -> new_ranks "
                                  f"{list(groups.new_ranks)}, which imply "
                                  f"{self.mapping.tolist()}")
-        self.role = groups.role(dist.get_rank())
+        self.global_rank = dist.get_rank()
+        self.role = groups.role(self.global_rank)
         if self.role == "idle":
             raise ValueError(f"global rank {dist.get_rank()} is in neither groups.old_ranks "
                              "nor groups.new_ranks; it has no part in this reconfiguration")
-        busy = [name for name, d in drivers.items() if d.busy or d.state != lc.COLLECTING]
+        # Right after a failed rebalance a model is in `failed` (it recovers at its
+        # next step); `busy` is False then, so a reconfiguration is accepted.
+        busy = [name for name, d in drivers.items()
+                if d.busy or d.state not in (lc.COLLECTING, lc.FAILED)]
         if busy:
             raise ValueError(f"reconfigure while model(s) {busy} are rebalancing would break "
                              "the agreed step order; call it between rebalances "
                              "(when EplbRuntime.busy is False)")
+        for name, driver in drivers.items():
+            local = int(driver.model.num_local_physical_experts)
+            if local * len(groups.new_ranks) < driver.placement.num_logical:
+                raise ValueError(
+                    f"model {name!r}: {len(groups.new_ranks)} new rank(s) x {local} slots per "
+                    f"rank = {local * len(groups.new_ranks)} slots cannot hold its "
+                    f"{driver.placement.num_logical} logical experts; choose more new ranks")
         if self.role == "stays":
             for name, driver in drivers.items():
                 if not callable(getattr(driver.model, "resize_ep", None)):
@@ -216,6 +227,8 @@ class Reconfiguration:
         if self.role != "leaves":
             passes = self._handover()
         for driver in self.drivers.values():
+            if driver.state == lc.FAILED:
+                driver.transition("recover", self.step)
             driver.transition("reconfigure", self.step)
         old = {name: d.placement for name, d in self.drivers.items()}
         load = await self._union_load()

@@ -10,6 +10,7 @@ reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
@@ -479,12 +480,18 @@ class EplbRuntime:
             runtime._add_model(model, name, None, share=False)
         work = Reconfiguration(config, runtime._drivers, groups, 0, runtime._device,
                                runtime._faults, rank_mapping)
-        await runtime._reconfigure(work, groups)
+        # On ExpertsLost the new placement is in force and the loss is in the report
+        # (logged, counted): the joiner serves like every new rank and reloads it.
+        with contextlib.suppress(ExpertsLost):
+            await runtime._reconfigure(work, groups)
         return runtime
 
     async def _reconfigure(self, work: Reconfiguration, groups: ElasticGroups) -> Reconfigured:
         with deferred_cancellation() as cancelled:
-            report = await work.run()
+            try:
+                report = await work.run()
+            except Exception as exc:
+                self._reconfiguration_failed(work, exc)
         self.last_reconfiguration = report
         self._step = report.step
         if work.role == "leaves":
@@ -512,6 +519,23 @@ class EplbRuntime:
             if self.config.on_failure == "raise":
                 raise ExpertsLost(message, report=report)
         return report
+
+    def _reconfiguration_failed(self, work: Reconfiguration, exc: Exception) -> None:
+        """End a reconfiguration that raised in a state the lifecycle allows: every
+        model `failed` (then `collecting` at the next step, on the old rank set),
+        and the cause in a `RebalanceFailed`."""
+        for driver in self._drivers.values():
+            if driver.lifecycle.may_fire("fail"):
+                driver.transition("fail", work.step)
+            driver.stats.failed += 1
+            driver.stats.last_error = f"reconfiguration failed: {exc}"
+        if isinstance(exc, RebalanceFailed):
+            raise exc
+        first = next(iter(self._drivers), "main")
+        message = (f"reconfiguration at step {work.step} failed on global rank "
+                   f"{work.global_rank} ({work.role}): {type(exc).__name__}: {exc}")
+        log.error("eplb %s", message)
+        raise RebalanceFailed(message, model=first) from exc
 
     # -- views --------------------------------------------------------------------------
 

@@ -231,3 +231,49 @@ def test_leaving_rank_that_dies_before_handoff() -> None:
         assert all(r["models"][name]["history"] == history for r in kept), name
         states = [(a, b) for s, a, b, _ in history if s == 12]
         assert ("reconfiguring", "salvaging") in states and ("salvaging", "resizing") in states
+
+
+def _refused_or_failed(rank: int, world: int, case: str) -> dict[str, Any]:
+    """Every old rank asks for a reconfiguration that cannot work; afterwards it must
+    serve on, in a state the lifecycle allows, and balance again."""
+    old = list(range(world))
+    new = [0] if case == "too_few_ranks" else old
+
+    async def main() -> dict[str, Any]:
+        group = dist.new_group(old, backend="gloo")
+        cpu = dist.new_group(old, backend="gloo")
+        groups = ElasticGroups.create(old, new)
+        rt = EplbRuntime(_config(world), group=group, cpu_group=cpu)
+        model = TaggedMoEModel(rank, world, L, E, world * LOCAL - E)
+        rt.add_model(model, "main")
+        out: dict[str, Any] = {}
+        for step in range(1, 6):
+            _feed(model, step)
+            await rt.step()
+        try:
+            await rt.reconfigure(groups)
+            out["error"] = None
+        except (ValueError, RebalanceFailed) as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+        out["phase_after_error"] = rt.phase()
+        for step in range(6, 9):
+            _feed(model, step)
+            await rt.step()  # no MachineError: the lifecycle is where the table allows
+        out["phase"] = rt.phase()
+        await rt.rearrange_async()  # balancing still works on the old rank set
+        out["history"] = [tuple(r) for r in rt.history()]
+        out["wrong_slots"] = model.wrong_slots(rt.placement().physical_to_logical)
+        rt.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def test_a_rank_set_too_small_is_refused_before_anything_changes() -> None:
+    results = run_ranks(_refused_or_failed, 4, "too_few_ranks", timeout=90)
+    for r in results:
+        assert r["error"] and r["error"].startswith("ValueError"), r
+        assert "1 new rank(s) x 3 slots per rank = 3 slots cannot hold" in r["error"]
+        assert r["phase_after_error"] == "collecting" and r["phase"] == "collecting"
+        assert r["wrong_slots"] == []
+        assert r["history"] == results[0]["history"]

@@ -222,8 +222,16 @@ def _as_load(load: Any) -> npt.NDArray[np.float64]:
         raise ValueError(f"load must have at least one layer and one expert, got {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError("load must be finite (found NaN or inf)")
-    if np.any(arr < 0):
-        raise ValueError("load must be non-negative")
+    negative = np.argwhere(arr < 0)
+    if negative.size:
+        layer, expert = (int(i) for i in negative[0])
+        value = arr[layer, expert]
+        shown = int(value) if value.is_integer() else float(value)
+        # Far below any real count: what an int64 sum wraps to when it overflows.
+        wrapped = (" (a load this far below zero is what an int64 sum wraps to when it "
+                   "overflows: keep every load below 2**63)") if value <= -2**53 else ""
+        raise ValueError(f"load must be non-negative, got load[{layer}, {expert}] = "
+                         f"{shown}{wrapped}")
     # The reference planner works in float32; a load whose layer sum overflows
     # float32 would turn comparisons into inf == inf ties.
     if np.any(arr.sum(axis=1) >= np.finfo(np.float32).max / 4):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eplb_fsm import EplbConfig, plan
 from eplb_fsm._runtime.load_window import LOAD_LIMIT, LoadWindow, physical_to_logical_load
+from eplb_fsm.testing import FakeCluster
 
 
 def test_passes_count_for_the_experts_that_were_in_their_slots_then() -> None:
@@ -119,3 +124,38 @@ def test_a_ring_that_cannot_be_allocated_names_the_config_fields() -> None:
                                          r"4611686018427387904 entries x 2 layers x 8 slots"
                                          r"(.|\n)*EplbConfig\.window_size"):
         LoadWindow(2**62, 2, 8, 4, torch.device("cpu"))
+
+
+def test_the_runtime_reports_a_load_overflow_not_a_negative_load() -> None:
+    # Each rank's engine counts 2**61 tokens a pass for expert 0: four passes sum to
+    # 2**63, which wrapped to a "negative" load that planning refused as such.
+    cluster = FakeCluster(2, EplbConfig(window_size=4, step_interval=4, num_redundant_experts=2,
+                                        on_failure="absorb"))
+    cluster.add_model("main", num_layers=1, num_logical=4)
+
+    async def run() -> None:
+        for _ in range(8):
+            for rank in range(2):
+                cluster.feed("main", rank, np.array([[2**61, 1, 1, 1]]))
+            assert await cluster.step() == [None, None]
+
+    asyncio.run(run())
+    for rank, rt in enumerate(cluster.runtimes):
+        stats = rt.stats()["models"]["main"]
+        assert stats["rebalances"]["failed"] >= 1
+        assert re.search(rf"rank {rank} \(ValueError: load overflow: layer 0's load in this "
+                         r"rank's window sums to 9\.223e\+18 tokens, at or above the limit "
+                         r"2\*\*53", stats["last_error"]), stats["last_error"]
+    assert not any(cluster.wrong_slots().values())
+
+
+def test_planning_names_a_negative_load_and_a_likely_int64_wrap() -> None:
+    with pytest.raises(ValueError, match=r"^load must be non-negative, got load\[0, 1\] = -3$"):
+        plan(np.array([[1, -3]]), 2)
+    # An int64 sum of two 2**62 wraps to -2**63 (arrays wrap silently).
+    wrapped = np.array([[2**62, 1], [1, 1]]) + np.array([[2**62, 0], [0, 0]])
+    assert wrapped[0, 0] == -2**63
+    with pytest.raises(ValueError, match=r"got load\[0, 0\] = -9223372036854775808 \(a load "
+                                         r"this far below zero is what an int64 sum wraps to "
+                                         r"when it overflows"):
+        plan(wrapped, 2)

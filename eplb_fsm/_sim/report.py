@@ -1,49 +1,13 @@
 """The simulator's report: one JSON document, a summary table, optional PNG plots.
 
-JSON schema (``report.json``; all keys always present):
-
-- ``options``: the run's settings (ranks, steps, mode, shapes, trace, ...).
-- ``balancedness``: actual balancedness of each pass — mean over ranks / max
-  over ranks of the tokens each rank's slots received, per layer, averaged
-  over layers — summarised as ``first`` (mean over the first window of
-  ``window_size`` passes), ``last`` (mean over the last window), ``min``
-  (worst single pass), plus ``per_step`` (every pass) and ``definition``.
-- ``invariance_held``: every check (every ``check_every`` passes and the
-  first pass after every commit and every scale event) found the outputs
-  bit-identical to a dense single-process evaluation; ``invariance_checks``:
-  the passes at which every serving rank checked (per rank, without scale
-  events); ``invariance_failed_steps``: the passes where a check failed.
-- ``rebalances``: ``done``, ``dropped``, ``failed``, ``started``,
-  ``skipped_triggers``, and ``steps`` (the steps at which each rebalance
-  began).
-- ``bytes_moved``: bytes received over all ranks for rebalance transfers
-  (a scale event's own transfer is in its entry of ``scale_events``).
-- ``step_overhead_us``: ``p50``, ``p99``, ``max`` of ``await rt.step()``
-  over every rank's steps; ``forward_us``: the same for the forward pass.
-- ``states``: steps and seconds rank 0 spent in each lifecycle state (with
-  scale events: the lowest serving rank of each span between events).
-- ``final_placement``: ``physical_to_logical`` [L, P] at the end;
-  ``final_ranks``: the global ranks serving then; ``histories_agree``: their
-  transition histories are identical; ``history``: that history, as
-  ``[step, source, dest, trigger]`` records.
-- ``rank_load``: ``first_window`` [L, R] under the initial ranks and
-  ``last_window`` under the final ones (since the last scale event, if one
-  falls in the last window).
-- ``scale_events`` (``--scale-at``; empty without): per event ``step`` (the
-  pass after which it ran), ``requested_step`` (later only while a
-  rebalance was in flight), ``old_ranks``/``new_ranks``, ``bytes_moved``,
-  ``experts_lost`` and ``lost`` (layer -> experts with no copy left),
-  ``salvaged``, ``wrong_slots`` (slots on the new ranks whose weights are
-  not their mapped expert's), ``maps_agree`` (the model's maps are the
-  runtime's), ``min_replicas`` (the fewest replicas of any expert),
-  ``histories_agree`` (the new ranks' histories, placements and step
-  counters are identical), ``checked_next_pass`` and
-  ``invariance_held_until_next`` (every new rank checked its outputs on the
-  next pass; no check failed before the next event), ``seconds``,
-  ``balancedness_before``/``_after`` (mean over up to a window of passes on
-  each side, not crossing another event; null when no pass lies between)
-  and ``final_placement``.
-  ``scale_missed``: events never reached (a rebalance in flight to the end).
+``report.json``'s keys, their types and meanings are documented as a JSON
+Schema in docs/report.schema.json (the tests validate every report they make
+against it). In short: ``options``; ``balancedness`` (``first``, ``last``,
+``min``, ``per_step``); ``invariance_held`` / ``_checks`` / ``_failed_steps``;
+``rebalances``; ``bytes_moved``; ``step_overhead_us`` and ``forward_us``
+percentiles; ``states``; ``final_placement``, ``final_ranks``,
+``histories_agree``, ``history``; ``rank_load``; ``scale_events`` and
+``scale_missed`` (elastic runs).
 """
 
 from __future__ import annotations

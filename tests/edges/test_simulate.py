@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _report_schema import SCHEMA_PATH, check_report, errors
 
 from eplb_fsm._cli.cli import main
 
@@ -49,6 +50,20 @@ def test_outputs_never_changed(reports: dict[str, dict]) -> None:
 def test_async_and_sync_reach_the_same_placement(reports: dict[str, dict]) -> None:
     assert reports["async"]["final_placement"] == reports["sync"]["final_placement"]
     assert reports["sync"]["rebalances"]["done"] == reports["async"]["rebalances"]["done"]
+
+
+def test_reports_follow_the_documented_schema(reports: dict[str, dict]) -> None:
+    """docs/report.schema.json describes every key, and a broken report fails it."""
+    schema = json.loads(SCHEMA_PATH.read_text())
+    for report in reports.values():
+        check_report(report)
+    broken = dict(reports["async"])
+    del broken["bytes_moved"]
+    broken["invariance_held"] = "yes"
+    broken["surprise"] = 1
+    assert sorted(errors(broken, schema)) == [
+        "report.invariance_held: expected boolean, got str", "report.surprise: not allowed",
+        "report: missing 'bytes_moved'"]
 
 
 def test_plots_are_written(reports: dict[str, dict], tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _report_schema import check_report
 
 from eplb_fsm._cli.cli import main
 
@@ -25,7 +26,9 @@ TINY = ["--ranks", "4", "--layers", "2", "--experts", "8", "--redundant", "8",
 
 def _simulate(tmp_path: Path, *flags: str) -> dict[str, Any]:
     assert main(["simulate", *TINY, *flags, "--report", str(tmp_path)]) == 0
-    return json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())
+    check_report(report)  # docs/report.schema.json, scale events included
+    return report
 
 
 def _assert_every_event_sound(report: dict[str, Any]) -> None:

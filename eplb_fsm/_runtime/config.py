@@ -81,6 +81,12 @@ class EplbConfig:
       nodes, falling back to NCCL where it cannot pull; ``"nccl"`` always
       sends; ``"pull"`` pulls every pair and fails where it cannot. See
       docs/transfers.md.
+    - ``handover_timeout_s``: how long the ranks of an elastic reconfiguration
+      wait for every rank of the union to arrive (a joining rank may first
+      build its model) before the reconfiguration fails, naming the ranks
+      that never came. Per-phase waits (``peer_timeout_s``) count from then,
+      so a slow joiner delays the handover instead of making a live rank give
+      up. A rank whose heartbeat stopped is not waited for.
     """
 
     window_size: int = 1000
@@ -102,6 +108,7 @@ class EplbConfig:
     policy_options: Mapping[str, Any] | None = None
     load_record_interval: int | None = None
     transfer_path: Literal["auto", "nccl", "pull"] = "auto"
+    handover_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         positive = ("window_size", "step_interval", "log_balancedness_interval",
@@ -145,6 +152,11 @@ class EplbConfig:
                 or not 0 < timeout <= 86_400:
             raise ValueError(f"EplbConfig.peer_timeout_s must be > 0 and <= 86400 s, got "
                              f"{timeout!r}")
+        handover = self.handover_timeout_s
+        if not isinstance(handover, (int, float)) or isinstance(handover, bool) \
+                or not 0 < handover <= 86_400:
+            raise ValueError(f"EplbConfig.handover_timeout_s must be > 0 and <= 86400 s, got "
+                             f"{handover!r}")
         if self.transfer_path not in ("auto", "nccl", "pull"):
             raise ValueError(f"EplbConfig.transfer_path must be 'auto', 'nccl' or 'pull', got "
                              f"{self.transfer_path!r}")

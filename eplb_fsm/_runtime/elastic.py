@@ -38,6 +38,7 @@ The protocol (``U`` = union of old and new ranks, see `_core.elastic`):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Mapping
@@ -161,6 +162,37 @@ def heartbeat_for(group: Any) -> Heartbeat | None:
 class _Handed:
     step: int
     models: list[tuple[str, list[list[int]], int, list[tuple[int, str, str, str]], int]]
+    # What the new set must plan and move alike: the planning settings, and each
+    # model's weight tensors (shape without the slot dimension, dtype) by layer.
+    settings: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, list[list[tuple[tuple[int, ...], str]]]] = field(default_factory=dict)
+
+
+# The settings a joining rank adopts from the deployment: plans and transfers
+# must be identical on every rank of the union (a joiner given the launch
+# configuration planned for nodes the deployment no longer had, and gloo
+# aborted on the first transfer whose sizes differed).
+HANDED_SETTINGS = ("num_nodes", "policy", "policy_options", "minimize_moves",
+                   "layers_per_transfer", "readiness_lag", "peer_timeout_s",
+                   "handover_timeout_s", "ranks_per_node", "transfer_path")
+
+# A reconfiguration's own transfers are tagged from here up, apart from the
+# serving transfers' tags (1 .. 2**30) on the same groups.
+_TAG_BASE = 2 ** 30
+
+
+def _tensors(model: Any) -> list[list[tuple[tuple[int, ...], str]]]:
+    return [[(tuple(int(d) for d in t.shape[1:]), str(t.dtype)) for t in layer]
+            for layer in model.expert_weights]
+
+
+def _digest(maps: Mapping[str, npt.NDArray[np.int64]]) -> int:
+    """A 56-bit digest of every model's new maps: equal plans, equal digests."""
+    h = hashlib.blake2b(digest_size=7)
+    for name, p2l in maps.items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(p2l, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 class Reconfiguration:
@@ -217,6 +249,8 @@ class Reconfiguration:
         if self.role != "leaves":
             self.new = make_transports(groups.new_group, groups.new_cpu_group, device, config)
         self.bytes = 0
+        self.refusal: tuple[int, int, int, str] | None = None
+        self.moves = 0
         self.liveness: Heartbeat | None = None
         self.new_config = config  # with the new rank count's nodes and redundant slots
 
@@ -224,6 +258,7 @@ class Reconfiguration:
 
     async def run(self) -> Reconfigured:
         passes = 0
+        await self._arrive()
         if self.role != "leaves":
             passes = self._handover()
         for driver in self.drivers.values():
@@ -243,6 +278,8 @@ class Reconfiguration:
                                        plans[name].placement.physical_to_logical, self.layout)
                    for name in self.drivers}
         union_now = {name: maps[0].copy() for name, maps in current.items()}
+        if agreed:
+            agreed = await self._plans_agree(current)
         if agreed:
             agreed = await self._hand_off(current, union_now)
         for driver in self.drivers.values():
@@ -277,16 +314,20 @@ class Reconfiguration:
                 (name, d.placement.physical_to_logical.tolist(), d.placement.num_logical,
                  [(r.step, r.source, r.dest, r.trigger) for r in d.lifecycle.history],
                  d.window.passes)
-                for name, d in self.drivers.items()])
+                for name, d in self.drivers.items()],
+                {k: getattr(self.config, k) for k in HANDED_SETTINGS},
+                {name: _tensors(d.model) for name, d in self.drivers.items()})
         dist.broadcast_object_list(payload, src=self.groups.new_ranks[source],
                                    group=self.groups.new_cpu_group)
         handed: _Handed = payload[0]
         names = [m[0] for m in handed.models]
         if names != list(self.drivers):
-            raise ValueError(f"this rank's models {list(self.drivers)} differ from the "
-                             f"deployment's {names}; add the same models in the same order")
+            self._refuse(3, 0, 0, f"this rank's models {list(self.drivers)} differ from the "
+                         f"deployment's {names}; add the same models in the same order")
+            return 0
         if self.role == "joins":
             self.step = handed.step
+            self.config = dataclasses.replace(self.config, **handed.settings)
             for (name, p2l, num_logical, history, _), driver in zip(
                     handed.models, self.drivers.values(), strict=True):
                 placement = Placement(p2l, num_logical)
@@ -294,40 +335,149 @@ class Reconfiguration:
                 if (placement.num_layers, placement.num_logical, local) != (
                         driver.placement.num_layers, driver.placement.num_logical,
                         driver.placement.num_physical // self.num_new):
-                    raise ValueError(f"model {name!r} on this joining rank has a different "
-                                     "shape (layers, logical experts, slots per rank) from "
-                                     "the deployment's")
+                    self._refuse(1, 0, 0, f"model {name!r} on this joining rank has "
+                                 f"{driver.placement.num_layers} layers, "
+                                 f"{driver.placement.num_logical} logical experts and "
+                                 f"{driver.placement.num_physical // self.num_new} slots per "
+                                 f"rank; the deployment has {placement.num_layers}, "
+                                 f"{placement.num_logical} and {local}")
+                    return 0
+                if not self._same_tensors(name, driver, handed.tensors.get(name)):
+                    return 0
                 driver.placement = placement
                 driver.lifecycle.history[:] = [lc.TransitionRecord(*r) for r in history]
         return int(handed.models[0][4]) if handed.models else 0
 
+    def _same_tensors(self, name: str, driver: ModelDriver,
+                      theirs: list[list[tuple[tuple[int, ...], str]]] | None) -> bool:
+        """Refuse (see `_refuse`) if this joiner's weights are not the deployment's shapes
+        and dtypes: the engine moves raw bytes, which would be garbage here."""
+        if theirs is None:
+            return True
+        mine = _tensors(driver.model)
+        for layer, (got, want) in enumerate(zip(mine, theirs, strict=False)):
+            for index in range(max(len(got), len(want))):
+                g = got[index] if index < len(got) else None
+                w = want[index] if index < len(want) else None
+                if g != w:
+                    self._refuse(2, layer, index, (
+                        f"model {name!r}: this joining rank's expert_weights[{layer}][{index}] "
+                        f"is {_shown(g)}, the deployment's is {_shown(w)} (per slot); every "
+                        "rank must hold the same shapes and dtypes (the engine moves raw "
+                        "bytes)"))
+                    return False
+        return True
+
+    def _refuse(self, code: int, layer: int, tensor: int, message: str) -> None:
+        """Refuse this reconfiguration; every union rank learns it from the load round
+        and raises before a byte moves (`_union_load`)."""
+        self.refusal = (code, layer, tensor, message)
+
     async def _union_load(self) -> dict[str, npt.NDArray[np.int64]] | None:
-        """Every old rank's window, summed over the union; None if the union broke."""
+        """Every old rank's window, summed over the union; None if the union broke.
+
+        The round also carries every rank's refusal (a joiner whose models or
+        weights disagree with the deployment's): then every union rank raises
+        ValueError here, before a byte moves."""
+        union = self.union_reduce
+        refusals = np.zeros(3 * union.world_size, dtype=np.int64)
+        if self.refusal is not None:
+            refusals[3 * union.rank:3 * union.rank + 3] = self.refusal[:3]
         try:
-            return await self._reduce_load(self.union_reduce, self.role != "joins")
+            loads, refused = await self._reduce_load(union, self.role != "joins", refusals)
         except Exception as exc:  # a peer died or never answered
+            if self.refusal is not None:
+                raise ValueError(self.refusal[3]) from exc
             log.warning("eplb reconfigure: load round over the union failed on rank %d at "
-                        "step %d: %s", self.union_reduce.rank, self.step, exc)
+                        "step %d: %s", union.rank, self.step, exc)
             return None
+        refused = refused.reshape(-1, 3)
+        who = [u for u in range(union.world_size) if refused[u, 0]]
+        if who:
+            if self.refusal is not None:
+                raise ValueError(self.refusal[3])
+            u = who[0]
+            code, layer, tensor = (int(v) for v in refused[u])
+            what = {1: "its models' layers, experts or slots per rank",
+                    2: f"its expert_weights[{layer}][{tensor}] (shape or dtype)",
+                    3: "its models (names or order)"}.get(code, "its models")
+            raise ValueError(f"joining global rank {self.groups.union_ranks[u]} refused the "
+                             f"reconfiguration: {what} differ from the deployment's; nothing "
+                             "was moved")
+        return loads
 
     async def _new_load(self) -> dict[str, npt.NDArray[np.int64]]:
         assert self.new is not None
-        return await self._reduce_load(self.new[0], self.role == "stays")
+        return (await self._reduce_load(self.new[0], self.role == "stays"))[0]
 
-    async def _reduce_load(self, reduce: AllReduce,
-                           contributes: bool) -> dict[str, npt.NDArray[np.int64]]:
+    async def _reduce_load(self, reduce: AllReduce, contributes: bool,
+                           extra: npt.NDArray[np.int64] | None = None,
+                           ) -> tuple[dict[str, npt.NDArray[np.int64]], npt.NDArray[np.int64]]:
+        """Every contributing rank's window per model, summed; and `extra`, summed."""
         parts = []
         for driver in self.drivers.values():
             shape = (driver.placement.num_layers, driver.placement.num_logical)
             parts.append(driver.window.snapshot().logical() if contributes
                          else np.zeros(shape, dtype=np.int64))
-        flat = np.concatenate([p.ravel() for p in parts])
-        values = await wait_round(reduce.launch(flat), self.config.peer_timeout_s)
+        tail = extra if extra is not None else np.zeros(0, dtype=np.int64)
+        flat = np.concatenate([p.ravel() for p in parts] + [tail])
+        values = await wait_round(reduce.launch(flat), self.config.peer_timeout_s,
+                                  f"union rank {reduce.rank}")
         out, start = {}, 0
         for name, part in zip(self.drivers, parts, strict=True):
             out[name] = values[start:start + part.size].reshape(part.shape)
             start += part.size
-        return out
+        return out, values[start:]
+
+    async def _plans_agree(self, maps: Mapping[str, tuple[npt.NDArray[np.int64],
+                                                         npt.NDArray[np.int64]]]) -> bool:
+        """Did every union rank plan the same maps? False if the union broke; raises
+        RebalanceFailed on every rank (before a byte moves) if plans differ: a
+        transfer between different plans would pair messages of other sizes."""
+        union = self.union_reduce
+        digests = np.zeros(union.world_size, dtype=np.int64)
+        digests[union.rank] = _digest({name: new for name, (_, new) in maps.items()})
+        try:
+            values = await wait_round(union.launch(digests), self.config.peer_timeout_s,
+                                      f"union rank {union.rank}")
+        except Exception as exc:
+            log.warning("eplb reconfigure: plan round over the union failed on rank %d at "
+                        "step %d: %s", union.rank, self.step, exc)
+            return False
+        if len(set(values.tolist())) > 1:
+            groups: dict[int, list[int]] = {}
+            for u, d in enumerate(values.tolist()):
+                groups.setdefault(int(d), []).append(self.groups.union_ranks[u])
+            raise RebalanceFailed(
+                f"reconfiguration at step {self.step}: the ranks of the union planned "
+                f"different placements (global ranks by plan: {sorted(groups.values())}); "
+                "their settings differ; nothing was moved", model=next(iter(self.drivers)))
+        return True
+
+    async def _arrive(self) -> None:
+        """Wait until every rank of the union has called reconfigure/join (a joiner
+        may first build its model), so that the phases' timeouts count from when
+        peers could answer. Bounded by ``handover_timeout_s``; ranks whose heartbeat
+        stopped are not waited for (the handoff then salvages without them)."""
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        union = self.groups.union_ranks
+        prefix = f"eplb_fsm/elastic/{getattr(self.groups.union_group, 'group_name', '')}/"
+        keys = [f"{prefix}arrived/{g}" for g in union]
+        store.set(keys[union.index(self.global_rank)], "1")
+        deadline = time.monotonic() + self.config.handover_timeout_s
+        while not store.check(keys):
+            missing = [g for g, k in zip(union, keys, strict=True) if not store.check([k])]
+            if missing and set(missing) <= set(_stopped(store, missing)):
+                return
+            if time.monotonic() > deadline:
+                raise RebalanceFailed(
+                    f"reconfiguration at step {self.step}: global rank(s) {missing} did not "
+                    f"call reconfigure/join within handover_timeout_s="
+                    f"{self.config.handover_timeout_s:g} s", model=next(iter(self.drivers)),
+                    ranks=tuple(missing))
+            await pause(0.005)
 
     async def _agree(self, ok: bool) -> bool:
         """True iff every new rank says `ok` (an all-reduce among the new ranks).
@@ -367,7 +517,7 @@ class Reconfiguration:
             current = {name: maps_in_union(old[name].physical_to_logical,
                                            plans[name].placement.physical_to_logical,
                                            self.layout) for name in self.drivers}
-            ok = await self._hand_off(current, None)
+            ok = await self._plans_agree(current) and await self._hand_off(current, None)
         if not ok:
             message = (f"rank {self.union_reduce.rank} of the union could not hand its "
                        "experts off: a rank of the union failed or did not answer within "
@@ -446,7 +596,9 @@ class Reconfiguration:
         try:
             if self.faults is not None:
                 self.faults.inject(name, point, self.step, batch)
-            staged = mover.stage(old, new, batch, self.drivers[name].model.expert_weights)
+            self.moves += 1  # every rank stages the same batches in the same order
+            staged = mover.stage(old, new, batch, self.drivers[name].model.expert_weights,
+                                 tag=_TAG_BASE + self.moves)
             while not staged.ready() and time.monotonic() < deadline:
                 await pause(POLL_S)
             ready = staged.ready()
@@ -500,3 +652,23 @@ class Reconfiguration:
             driver.resize(placement, allreduce=reduce, mover=mover, liveness=liveness,
                           carried=carried, carried_passes=passes)
         share_weights(mover, self.drivers, self.config)
+
+
+def _shown(tensor: tuple[tuple[int, ...], str] | None) -> str:
+    return "missing" if tensor is None else f"{tensor[1]} of shape {list(tensor[0])}"
+
+
+def _stopped(store: Any, global_ranks: list[int]) -> list[int]:
+    """Of `global_ranks`, those whose heartbeat exists and is stale (the process
+    died); a rank that never beat (a joiner still building its model) is not."""
+    from .._adapters.liveness import PREFIX
+
+    now, stale = time.time(), []
+    for g in global_ranks:
+        key = f"{PREFIX}{g}"
+        try:
+            if store.check([key]) and now - float(store.get(key)) > 1.0:
+                stale.append(g)
+        except Exception:
+            continue
+    return stale

@@ -815,6 +815,7 @@ VALID_CONFIG: dict[str, st.SearchStrategy[Any]] = {
     "min_balancedness_gain": st.one_of(st.floats(-1, 1), st.sampled_from([-1, 0, 1])),
     # known bug: unbounded-peer-timeout (inf or > ~8.6e13 s overflows timedelta)
     "peer_timeout_s": st.one_of(st.floats(1e-6, 86_400), st.integers(1, 86_400)),
+    "handover_timeout_s": st.one_of(st.floats(1e-6, 86_400), st.integers(1, 86_400)),
     "on_failure": st.sampled_from(["raise", "absorb"]),
     "ranks_per_node": st.one_of(st.none(), st.integers(1, 64)),
     "minimize_moves": st.booleans(),
@@ -838,6 +839,8 @@ INVALID_CONFIG: dict[str, list[Any]] = {
     "min_balancedness_gain": [1.01, -1.5, math.nan, math.inf, True, "0.1", None],
     "peer_timeout_s": [0, -1.0, math.nan, -math.inf, math.inf, 86_401, 1e300, True, "60",
                        None],
+    "handover_timeout_s": [0, -1.0, math.nan, -math.inf, math.inf, 86_401, 1e300, True,
+                           "60", None],
     "on_failure": ["ignore", "", None, ["raise"], 1],
     "transfer_path": ["nvlink", "", None, ["pull"], 1, "AUTO"],
     "policy_options": [[("rounds", 3)], "rounds=3", 3],

@@ -277,3 +277,97 @@ def test_a_rank_set_too_small_is_refused_before_anything_changes() -> None:
         assert r["phase_after_error"] == "collecting" and r["phase"] == "collecting"
         assert r["wrong_slots"] == []
         assert r["history"] == results[0]["history"]
+
+
+def _joiner_case(rank: int, world: int, case: str) -> dict[str, Any]:
+    """Old ranks [0, 1, 2] replace rank 2 by joining rank 3; `case` says what is
+    wrong with the joiner (or how slow it is)."""
+    old, new = [0, 1, 2], [0, 1, 3]
+
+    async def main() -> dict[str, Any]:
+        old_group = dist.new_group(old, backend="gloo")
+        old_cpu = dist.new_group(old, backend="gloo")
+        groups = ElasticGroups.create(old, new)
+        out: dict[str, Any] = {"role": groups.role(rank)}
+        cfg = _config(len(old))
+        if rank in old:
+            rt = EplbRuntime(cfg, group=old_group, cpu_group=old_cpu)
+            model = TaggedMoEModel(rank, len(old), L, E, len(old) * LOCAL - E)
+            rt.add_model(model, "main")
+            for step in range(1, 13):
+                _feed(model, step)
+                await rt.step()
+            start = time.monotonic()
+            try:
+                out["report"] = await rt.reconfigure(groups)
+                out["error"] = None
+            except (ValueError, RebalanceFailed) as exc:
+                out["error"] = f"{type(exc).__name__}: {exc}"
+            out["seconds"] = time.monotonic() - start
+            if out["error"] is None and groups.role(rank) == "leaves":
+                return out
+            out["phase_after"] = rt.phase()
+            for step in range(13, 16):
+                _feed(model, step)
+                await rt.step()  # serving goes on, in the old set or the new one
+            out.update(_state(rt, model))
+            rt.close()
+            return out
+        local = LOCAL + 1 if case == "one_slot_too_many" else LOCAL
+        model = TaggedMoEModel(new.index(rank), len(new), L, E, len(new) * local - E)
+        if case == "other_dtype":
+            model.expert_weights[1][0] = model.expert_weights[1][0].to(torch.float64)
+        if case == "slow":
+            time.sleep(2 * TIMEOUT_S)  # building the model takes twice the timeout
+        for tensors in model.expert_weights:  # weights come from the transfer
+            for tensor in tensors:
+                tensor.fill_(-7)
+        try:
+            rt = await EplbRuntime.join(cfg, groups, {"main": model})
+        except (ValueError, RebalanceFailed) as exc:
+            out["error"] = f"{type(exc).__name__}: {exc}"
+            return out
+        out["error"] = None
+        out["report"] = rt.last_reconfiguration
+        for step in range(13, 16):
+            _feed(model, step)
+            await rt.step()
+        out.update(_state(rt, model))
+        rt.close()
+        return out
+
+    torch.manual_seed(rank)
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["other_dtype", "one_slot_too_many"])
+def test_a_joiner_that_disagrees_is_refused_on_every_rank_before_a_byte_moves(
+        case: str) -> None:
+    results = run_ranks(_joiner_case, 4, case, timeout=90)
+    joiner = results[3]
+    # The lifecycle's end: failed, with RebalanceFailed carrying the ValueError.
+    assert joiner["error"] and joiner["error"].startswith("RebalanceFailed"), joiner
+    assert "ValueError" in joiner["error"]
+    what = "expert_weights[1][0] is torch.float64" if case == "other_dtype" else "slots per rank"
+    assert what in joiner["error"], joiner["error"]
+    for r in results[:3]:
+        assert r["error"] and r["error"].startswith("RebalanceFailed"), r["error"]
+        assert "joining global rank 3 refused the reconfiguration" in r["error"]
+        assert "nothing was moved" in r["error"]
+        # Every old rank, the leaving one too, serves on in the old set, unchanged.
+        assert r["phase_after"] == "failed" and r["phase"] == "collecting"
+        assert r["wrong_slots"] == [] and r["maps_agree"]
+        assert len(r["placement"][0]) == 3 * LOCAL
+    assert results[0]["history"] == results[1]["history"] == results[2]["history"]
+
+
+def test_a_slow_joiner_delays_the_handover_instead_of_making_live_ranks_give_up() -> None:
+    results = run_ranks(_joiner_case, 4, "slow", timeout=90)
+    for rank in (0, 1, 3):
+        r = results[rank]
+        assert r["error"] is None, r["error"]
+        assert not r["report"].salvaged and not r["report"].lost, r["report"]
+        assert r["wrong_slots"] == [] and r["maps_agree"]
+    assert results[2]["error"] is None and results[2]["report"].role == "leaves"
+    assert results[0]["seconds"] > 2 * TIMEOUT_S - 1  # it waited for the joiner
+    assert results[0]["history"] == results[1]["history"] == results[3]["history"]

@@ -113,6 +113,7 @@ class ModelDriver:
         self.lifecycle = lc.Lifecycle()
         self.stats = ModelStats()
         self._job: Job | None = None
+        self._synchronous = False  # inside rearrange_now: waits allow for peers' deadlines
         # Plans given up on that still run, and the executor each occupies.
         self._held: list[tuple[Future[Planned], Executor]] = []
         self._spare: Executor | None = None
@@ -471,7 +472,15 @@ class ModelDriver:
         return self._allreduce.launch(flags)
 
     async def _outcome(self, round_: ReadinessRound, step: int) -> RoundOutcome:
-        values = await wait_round(round_, self.config.peer_timeout_s, self._who(step))
+        timeout = self.config.peer_timeout_s
+        job = self._job
+        if self._synchronous and job is not None:
+            # In one synchronous step a peer launches its round only once its own
+            # transfer is done or its phase deadline passed: wait for that, and a
+            # timeout more, or a rank that launched at once gives up just as its
+            # peers answer, and the failure loses its cause.
+            timeout += max(0.0, job.deadline - time.monotonic())
+        values = await wait_round(round_, timeout, self._who(step))
         return RoundOutcome.decode(values, self._world)
 
     def _who(self, step: int) -> str:
@@ -654,6 +663,7 @@ class ModelDriver:
         self._begin(step)
         job = self._job
         assert job is not None
+        self._synchronous = True
         try:
             local = self._window.snapshot().logical() if load is None else load
             values = await wait_round(self._allreduce.launch(with_header(
@@ -691,6 +701,8 @@ class ModelDriver:
                 self._fail_locally(self._job, step, exc)
             else:
                 raise
+        finally:
+            self._synchronous = False
 
     async def _until(self, condition: Callable[[], bool], job: Job) -> None:
         while not condition():

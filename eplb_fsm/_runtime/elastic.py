@@ -258,12 +258,13 @@ class Reconfiguration:
 
     async def run(self) -> Reconfigured:
         passes = 0
+        for driver in self.drivers.values():
+            if driver.state == lc.FAILED:  # before the handover: joiners adopt it too
+                driver.transition("recover", self.step)
         await self._arrive()
         if self.role != "leaves":
             passes = self._handover()
         for driver in self.drivers.values():
-            if driver.state == lc.FAILED:
-                driver.transition("recover", self.step)
             driver.transition("reconfigure", self.step)
         old = {name: d.placement for name, d in self.drivers.items()}
         load = await self._union_load()

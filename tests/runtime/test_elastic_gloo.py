@@ -29,6 +29,7 @@ from eplb_fsm import (
     RebalanceFailed,
 )
 from eplb_fsm.testing import Faults, TaggedMoEModel, inject_faults, run_ranks
+from eplb_fsm.transfer import TransferEngine
 
 L, E, LOCAL = 2, 6, 3  # 3 slots per rank: 2 ranks hold 6 slots (no spare), 4 hold 12
 TIMEOUT_S = 3.0
@@ -297,6 +298,17 @@ def _joiner_case(rank: int, world: int, case: str) -> dict[str, Any]:
             for step in range(1, 13):
                 _feed(model, step)
                 await rt.step()
+            if case == "after_failed_rebalance":
+                faults = Faults()
+                if rank == 1:
+                    faults.fail_at["stage"] = RuntimeError("simulated OOM while staging")
+                inject_faults(rt, faults)
+                try:
+                    await rt.rearrange_async()
+                except RebalanceFailed as exc:
+                    out["first_error"] = str(exc)
+                inject_faults(rt, None)
+                out["before"] = (rt.phase(), rt.busy)
             start = time.monotonic()
             try:
                 out["report"] = await rt.reconfigure(groups)
@@ -319,6 +331,12 @@ def _joiner_case(rank: int, world: int, case: str) -> dict[str, Any]:
             model.expert_weights[1][0] = model.expert_weights[1][0].to(torch.float64)
         if case == "slow":
             time.sleep(2 * TIMEOUT_S)  # building the model takes twice the timeout
+        if case == "joiner_dies":
+            def die(*args: Any, **kwargs: Any) -> Any:
+                os._exit(17)  # before it received any weight
+
+            monkeypatched = pytest.MonkeyPatch()
+            monkeypatched.setattr(TransferEngine, "stage", die)
         for tensors in model.expert_weights:  # weights come from the transfer
             for tensor in tensors:
                 tensor.fill_(-7)
@@ -371,3 +389,28 @@ def test_a_slow_joiner_delays_the_handover_instead_of_making_live_ranks_give_up(
     assert results[2]["error"] is None and results[2]["report"].role == "leaves"
     assert results[0]["seconds"] > 2 * TIMEOUT_S - 1  # it waited for the joiner
     assert results[0]["history"] == results[1]["history"] == results[3]["history"]
+
+
+def test_reconfigure_is_accepted_right_after_a_failed_rebalance() -> None:
+    results = run_ranks(_joiner_case, 4, "after_failed_rebalance", timeout=90)
+    for rank in (0, 1, 2):
+        assert "rank(s) [1] reported an error" in results[rank]["first_error"]
+        assert results[rank]["before"] == ("failed", False)  # not busy, so accepted
+    for rank in (0, 1, 3):
+        r = results[rank]
+        assert r["error"] is None, r["error"]
+        assert r["wrong_slots"] == [] and r["maps_agree"] and r["phase"] == "collecting"
+    assert results[0]["history"] == results[1]["history"] == results[3]["history"]
+
+
+def test_a_joiner_that_dies_before_its_weights_leaves_old_ranks_serving() -> None:
+    results = run_ranks(_joiner_case, 4, "joiner_dies", timeout=120, may_die=(3,))
+    assert results[3] is None, "the joiner was to die"
+    for r in results[:3]:
+        # A RebalanceFailed naming the cause, never a raw collective error; the old
+        # rank set serves on with its weights and maps unchanged.
+        assert r["error"] and r["error"].startswith("RebalanceFailed"), r["error"]
+        assert r["phase_after"] == "failed" and r["phase"] == "collecting"
+        assert r["wrong_slots"] == [] and r["maps_agree"]
+        assert len(r["placement"][0]) == 3 * LOCAL
+    assert results[0]["history"] == results[1]["history"] == results[2]["history"]

@@ -62,6 +62,7 @@ __all__ = [
     "maps_in_union",
     "old_in_new_ranks",
     "plan_elastic",
+    "salvage_in_union",
     "salvage_maps",
 ]
 
@@ -264,6 +265,41 @@ def salvage_maps(current_physical_to_logical: Any, new_physical_to_logical: Any,
     for layer, experts in lost.items():
         transfer_new[layer, np.isin(transfer_new[layer], experts)] = -1
     return held, transfer_new, dict(sorted(lost.items()))
+
+
+def salvage_in_union(current_physical_to_logical: Any, new_physical_to_logical: Any,
+                     dead_ranks: Sequence[int], num_union: int,
+                     ) -> tuple[IntArray, IntArray, dict[int, tuple[int, ...]]]:
+    """The transfer still possible over the union when `dead_ranks` (union ranks)
+    could not hand off: from every live copy, on new *and* leaving ranks.
+
+    `current_physical_to_logical` [L, U * local] is what the union's weights hold
+    now, `new_physical_to_logical` the new placement in union space. Returns the
+    current map with the dead ranks' slots emptied (nothing can be sent from
+    them), the new map with every slot of a lost expert emptied, and the lost
+    experts per layer: those in the new placement with no live copy anywhere.
+    """
+    current = as_id_array("current_physical_to_logical", current_physical_to_logical, 2)
+    blocks, _ = _blocks(current, check_count("num_union", num_union),
+                        "current_physical_to_logical")
+    new = as_id_array("new_physical_to_logical", new_physical_to_logical, 2)
+    if new.shape != current.shape:
+        raise ValueError(f"new_physical_to_logical has shape {new.shape}, expected "
+                         f"{current.shape} (both in union space)")
+    dead = sorted({int(r) for r in dead_ranks})
+    if any(not 0 <= r < num_union for r in dead):
+        raise ValueError(f"dead_ranks {dead} must be union ranks in [0, {num_union})")
+    held_blocks = blocks.copy()
+    held_blocks[:, dead] = -1
+    held = held_blocks.reshape(current.shape)
+    target = new.copy()
+    lost: dict[int, tuple[int, ...]] = {}
+    for layer in range(new.shape[0]):
+        missing = tuple(sorted(set(new[layer].tolist()) - set(held[layer].tolist()) - {-1}))
+        if missing:
+            lost[layer] = missing
+            target[layer, np.isin(target[layer], missing)] = -1
+    return held, target, lost
 
 
 @dataclass(frozen=True)

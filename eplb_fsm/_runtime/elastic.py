@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import pickle
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from .._core.elastic import (
     check_rank_mapping,
     maps_in_union,
     plan_elastic,
-    salvage_maps,
+    salvage_in_union,
 )
 from .._core.placement import Placement
 from .config import EplbConfig
@@ -84,7 +85,8 @@ class Reconfigured:
     """What one reconfiguration did, as this rank saw it (the same on every new rank).
 
     `unavailable_ranks` are old ranks whose slots could not be handed off (the
-    handoff failed, so the new ranks salvaged among themselves). `lost` names,
+    handoff failed and their heartbeat had stopped; the live ranks of the union,
+    leaving ones included, salvaged every live copy). `lost` names,
     per model and layer, the logical experts no copy of which survived;
     `reload_slots` the new global slots that hold them and must be reloaded.
     """
@@ -251,6 +253,7 @@ class Reconfiguration:
         self.bytes = 0
         self.refusal: tuple[int, int, int, str] | None = None
         self.moves = 0
+        self.unavailable: tuple[int, ...] = ()  # old ranks that could not hand off
         self.liveness: Heartbeat | None = None
         self.new_config = config  # with the new rank count's nodes and redundant slots
 
@@ -287,7 +290,7 @@ class Reconfiguration:
             driver.transition("handoff_resolved", self.step, lc.Facts(all_ready=agreed))
         lost: dict[str, dict[int, tuple[int, ...]]] = {}
         if not agreed:
-            lost = await self._salvage(union_now, plans)
+            lost = await self._salvage(union_now, current)
             for driver in self.drivers.values():
                 driver.transition("salvaged", self.step)
         first = next(iter(plans.values()))
@@ -519,6 +522,8 @@ class Reconfiguration:
                                            plans[name].placement.physical_to_logical,
                                            self.layout) for name in self.drivers}
             ok = await self._plans_agree(current) and await self._hand_off(current, None)
+        if not ok and load is not None:
+            ok = await self._salvage_as_leaver()
         if not ok:
             message = (f"rank {self.union_reduce.rank} of the union could not hand its "
                        "experts off: a rank of the union failed or did not answer within "
@@ -555,32 +560,107 @@ class Reconfiguration:
         return True
 
     async def _salvage(self, union_now: Mapping[str, npt.NDArray[np.int64]],
-                       plans: Mapping[str, ElasticPlan]) -> dict[str, dict[int, tuple[int, ...]]]:
-        """Move what surviving copies exist among the new ranks; return what is lost."""
+                       current: Mapping[str, tuple[npt.NDArray[np.int64],
+                                                   npt.NDArray[np.int64]]],
+                       ) -> dict[str, dict[int, tuple[int, ...]]]:
+        """Move what live copies exist, on new and leaving ranks alike, over the union;
+        return what is lost. New rank 0 names the ranks that could not hand off
+        (their heartbeat stopped) and publishes the salvage in the store, so every
+        live rank of the union runs the same transfers (`_salvage_plan`)."""
         assert self.new is not None
-        reduce, mover = self.new
+        reduce = self.new[0]
+        if reduce.rank == 0:
+            self._publish_salvage(union_now, current)
+        salvage = await self._salvage_plan()
         lost: dict[str, dict[int, tuple[int, ...]]] = {}
-        for name in self.drivers:
-            held, target, gone = salvage_maps(union_now[name],
-                                              plans[name].placement.physical_to_logical,
-                                              self.layout)
+        for index, (name, batch, held, target) in enumerate(_salvage_batches(self, salvage)):
+            ok, staged = await self._move(self.union_mover, reduce, name, held, target, batch,
+                                          "salvage", tag=_TAG_BASE + 2 ** 20 + index)
+            if not ok or staged is None:
+                if staged is not None:
+                    staged.release()
+                for driver in self.drivers.values():
+                    driver.transition("fail", self.step)
+                raise RebalanceFailed(
+                    f"model {name!r}: salvaging layer(s) {list(batch)} failed: a new rank "
+                    f"failed or did not answer within {self.config.peer_timeout_s:g} s",
+                    model=name, layers=batch)
+            staged.commit()
+            self.bytes += staged.bytes_received
+        for name, (_, _, gone) in salvage["maps"].items():
             if gone:
                 lost[name] = gone
-            for batch in self._batches(held, target):
-                ok, staged = await self._move(mover, reduce, name, held, target, batch,
-                                              "salvage")
-                if not ok or staged is None:
-                    if staged is not None:
-                        staged.release()
-                    for driver in self.drivers.values():
-                        driver.transition("fail", self.step)
-                    raise RebalanceFailed(
-                        f"model {name!r}: salvaging layer(s) {list(batch)} among the new "
-                        "ranks failed: a new rank failed or did not answer within "
-                        f"{self.config.peer_timeout_s:g} s", model=name, layers=batch)
-                staged.commit()
-                self.bytes += staged.bytes_received
+        self.unavailable = tuple(salvage["dead_old"])
         return lost
+
+    def _prefix(self) -> str:
+        return f"eplb_fsm/elastic/{getattr(self.groups.union_group, 'group_name', '')}/"
+
+    def _publish_salvage(self, union_now: Mapping[str, npt.NDArray[np.int64]],
+                         current: Mapping[str, tuple[npt.NDArray[np.int64],
+                                                     npt.NDArray[np.int64]]]) -> None:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        union = list(self.groups.union_ranks)
+        deadline = time.monotonic() + 1.5  # a death shows within 5 heartbeats (1 s)
+        dead = _stopped(store, union)
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.1)
+            dead = _stopped(store, union)
+        dead_union = [union.index(g) for g in dead]
+        maps = {name: salvage_in_union(union_now[name], current[name][1], dead_union,
+                                       len(union))
+                for name in self.drivers}
+        old_of = list(self.groups.old_ranks)
+        payload = {"dead": dead_union, "maps": maps,
+                   "dead_old": [old_of.index(g) for g in dead if g in old_of]}
+        store.set(f"{self._prefix()}salvage", pickle.dumps(payload))  # type: ignore[arg-type]
+
+    async def _salvage_plan(self) -> dict[str, Any]:
+        """The salvage new rank 0 published (waiting for it, bounded)."""
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        key = f"{self._prefix()}salvage"
+        deadline = time.monotonic() + 3 * self.config.peer_timeout_s
+        while not store.check([key]):
+            if time.monotonic() > deadline:
+                raise RebalanceFailed(
+                    f"reconfiguration at step {self.step}: no salvage plan from new rank 0 "
+                    f"within {3 * self.config.peer_timeout_s:g} s",
+                    model=next(iter(self.drivers)))
+            await pause(0.005)
+        salvage: dict[str, Any] = pickle.loads(store.get(key))
+        return salvage
+
+    async def _salvage_as_leaver(self) -> bool:
+        """A live leaving rank after a failed handoff: send what the salvage asks of
+        it (its copies may be the last live ones), then it may be released."""
+        try:
+            salvage = await self._salvage_plan()
+        except RebalanceFailed:
+            return False
+        if self.union_reduce.rank in salvage["dead"]:
+            return False
+        for index, (name, batch, held, target) in enumerate(_salvage_batches(self, salvage)):
+            deadline = time.monotonic() + self.config.peer_timeout_s
+            try:
+                staged = self.union_mover.stage(held, target, batch,
+                                                self.drivers[name].model.expert_weights,
+                                                tag=_TAG_BASE + 2 ** 20 + index)
+                while not staged.ready():
+                    if time.monotonic() > deadline:
+                        staged.release()
+                        return False
+                    await pause(POLL_S)
+            except Exception as exc:
+                log.warning("eplb reconfigure: salvage sends of model=%s layer(s) %s failed "
+                            "on leaving union rank %d: %s", name, list(batch),
+                            self.union_reduce.rank, exc)
+                return False
+            staged.release()
+        return True
 
     def _batches(self, old: npt.NDArray[np.int64],
                  new: npt.NDArray[np.int64]) -> list[tuple[int, ...]]:
@@ -590,7 +670,8 @@ class Reconfiguration:
 
     async def _move(self, mover: WeightMover, reduce: AllReduce, name: str,
                     old: npt.NDArray[np.int64], new: npt.NDArray[np.int64],
-                    batch: tuple[int, ...], point: str) -> tuple[bool, Any]:
+                    batch: tuple[int, ...], point: str,
+                    tag: int | None = None) -> tuple[bool, Any]:
         """Stage `batch`, wait for it locally, then a readiness round: all ready?"""
         deadline = time.monotonic() + self.config.peer_timeout_s
         staged, error = None, None
@@ -599,7 +680,7 @@ class Reconfiguration:
                 self.faults.inject(name, point, self.step, batch)
             self.moves += 1  # every rank stages the same batches in the same order
             staged = mover.stage(old, new, batch, self.drivers[name].model.expert_weights,
-                                 tag=_TAG_BASE + self.moves)
+                                 tag=_TAG_BASE + self.moves if tag is None else tag)
             while not staged.ready() and time.monotonic() < deadline:
                 await pause(POLL_S)
             ready = staged.ready()
@@ -626,8 +707,7 @@ class Reconfiguration:
             p2l = plans[name].placement.physical_to_logical
             reload[name] = {layer: tuple(int(s) for s in np.flatnonzero(
                 np.isin(p2l[layer], experts))) for layer, experts in per_layer.items()}
-        unavailable = tuple(r for r, m in enumerate(self.mapping.tolist()) if m < 0) \
-            if salvaged else ()
+        unavailable = self.unavailable if salvaged else ()
         notes = tuple(p.note for p in plans.values() if p.note)
         return Reconfigured(self.step, self.role, len(self.mapping), self.num_new,
                             tuple(int(m) for m in self.mapping), salvaged, unavailable,
@@ -673,3 +753,13 @@ def _stopped(store: Any, global_ranks: list[int]) -> list[int]:
         except Exception:
             continue
     return stale
+
+
+def _salvage_batches(work: Reconfiguration, salvage: Mapping[str, Any]) -> list[
+        tuple[str, tuple[int, ...], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
+    """The salvage's batches, in the one order every live union rank stages them."""
+    out = []
+    for name, (held, target, _) in salvage["maps"].items():
+        for batch in work._batches(held, target):
+            out.append((name, batch, held, target))
+    return out

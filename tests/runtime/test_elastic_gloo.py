@@ -67,7 +67,8 @@ def _state(rt: EplbRuntime, model: TaggedMoEModel, name: str = "main") -> dict[s
 
 
 def _rank_main(rank: int, world: int, old: list[int], new: list[int],
-               initial: dict[str, list[int]] | None, die: bool) -> dict[str, Any]:
+               initial: dict[str, list[int]] | None,
+               die: bool | tuple[int, ...]) -> dict[str, Any]:
     """One process; `initial` maps model name -> initial placement (default: one model,
     "main", in the default layout). Results are per model when `initial` is given."""
     names = list(initial) if initial is not None else ["main"]
@@ -88,7 +89,8 @@ def _rank_main(rank: int, world: int, old: list[int], new: list[int],
                     placement = Placement(np.tile(initial[name], (L, 1)), E)
                     _retag(models[name], placement)
                 rt.add_model(models[name], name, placement=placement)
-            if die and groups.role(rank) == "leaves":
+            if (rank in die if isinstance(die, tuple) else die) and \
+                    groups.role(rank) == "leaves":
                 faults = Faults()
                 faults.actions["handoff"] = lambda *_: os._exit(17)
                 inject_faults(rt, faults)
@@ -414,3 +416,23 @@ def test_a_joiner_that_dies_before_its_weights_leaves_old_ranks_serving() -> Non
         assert r["wrong_slots"] == [] and r["maps_agree"]
         assert len(r["placement"][0]) == 3 * LOCAL
     assert results[0]["history"] == results[1]["history"] == results[2]["history"]
+
+
+# 4 -> 2: ranks 2 and 3 leave, rank 2 dies at its first handoff. Experts 4 and 5 live
+# only on the leaving ranks: their last live copies are on rank 3.
+ONLY_ON_LEAVERS = [0, 1, 2, 3, 0, 1, 4, 5, 2, 4, 5, 3]
+
+
+def test_salvage_takes_copies_from_a_live_leaving_rank() -> None:
+    results = run_ranks(_rank_main, 4, [0, 1, 2, 3], [0, 1], {"main": ONLY_ON_LEAVERS}, (2,),
+                        timeout=120, may_die=(2,))
+    assert results[2] is None, "rank 2 was to die"
+    assert results[3]["phase"] == "released", results[3]  # it handed its copies off
+    for r in (results[0], results[1]):
+        report = r["report"]
+        assert report.salvaged and report.unavailable_ranks == (2,), report
+        assert "lost" not in r and report.lost == {}, report  # nothing lost: rank 3 sent
+        state = r["models"]["main"]
+        assert state["wrong_slots"] == [] and state["maps_agree"], state
+        assert state["after"]["wrong_slots"] == [] and state["phase"] == "collecting"
+    assert results[0]["models"]["main"]["history"] == results[1]["models"]["main"]["history"]

@@ -24,6 +24,8 @@ the same words, including a rank that completes it long after.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -187,8 +189,31 @@ def deferred_cancellation() -> _Deferral:
     return _Deferral()
 
 
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        trio = sys.modules.get("trio")
+        if trio is None:
+            return False
+        try:
+            trio.lowlevel.current_task()
+            return True
+        except RuntimeError:
+            return False
+
+
 async def pause(seconds: float) -> None:
-    """Sleep, yielding to the event loop; cancellation is deferred (see above)."""
+    """Sleep, yielding to the event loop; cancellation is deferred (see above).
+
+    Outside any event loop it blocks instead: `EplbRuntime.step` does a step's
+    agreed work when it is *called*, which synchronous code may do before it
+    hands the awaitable to a loop (``loop.run_until_complete(rt.step())``).
+    """
+    if not _in_event_loop():
+        time.sleep(seconds)
+        return
     try:
         await anyio.sleep(seconds)
     except anyio.get_cancelled_exc_class() as exc:

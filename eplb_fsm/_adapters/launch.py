@@ -24,12 +24,12 @@ Reports. Each rank writes its outcome (value, or traceback and the time it
 raised) into its own pipe *synchronously*, before it tears down its process
 group or exits; the parent waits on every pipe and every process at once. A
 failure a peer causes (its exit, its closed sockets) therefore always comes
-after the peer's own report is readable. When ranks fail, `RankFailed` tells
-the earliest failure first, with its traceback, and names the others after
-it: ranks that raised later (how much later), ranks that exited without a
-result (a death is timed when the parent sees the process end), ranks still
-not finished when the parent stops waiting for them (``_SETTLE_S`` after the
-first failure; they are killed).
+after the peer's own report is readable. When several ranks fail, `RankFailed`
+names the earliest failure, lists the others (ranks that raised later, and
+how much later; ranks that exited without a result, a death being timed when
+the parent sees the process end; ranks not finished when the parent stops
+waiting, ``_SETTLE_S`` after the first failure, which are killed), and ends
+with the earliest failure's traceback.
 """
 
 from __future__ import annotations
@@ -149,6 +149,7 @@ class _Failure:
 def _failure_message(failures: list[_Failure], running: list[int]) -> str:
     failures = sorted(failures, key=lambda f: f.at)
     root = failures[0]
+    codes: dict[int, int | None] = {}
     if root.traceback is not None:
         head = f"rank {root.rank} raised:\n{root.traceback.rstrip()}"
         others = failures[1:]
@@ -165,8 +166,11 @@ def _failure_message(failures: list[_Failure], running: list[int]) -> str:
                      f"(killed)")
     if not notes:
         return head
-    return head + "\nthe first failure of the run; after it:\n" + \
-        "\n".join(f"  {note}" for note in notes)
+    # The root cause last, so that the message's first and last lines (what a
+    # one-line summary shows) name it and its exception.
+    first = f"rank {root.rank}" if root.traceback is not None else f"rank(s) {sorted(codes)}"
+    return "\n".join([f"{first} failed first (last below); after it:",
+                      *(f"  {note}" for note in notes), head])
 
 
 def run_ranks(

@@ -89,13 +89,13 @@ def test_the_first_failure_is_reported_with_its_traceback_and_the_others_named()
     message = str(info.value)
     # Rank 1's report is in the parent's hands before its exit can break rank 0's
     # collective: it is the root cause, whichever report the parent reads first.
-    head, _, tail = message.partition("\nthe first failure of the run; after it:\n")
-    assert head.startswith("rank 1 raised:\nTraceback"), message
-    assert head.endswith("KeyError: 'boom'"), message
-    notes = tail.splitlines()
-    assert len(notes) == 2, message
-    assert re.fullmatch(r"  rank 0 raised \S*Error: .* \(\d+\.\d{3} s later\)", notes[0]), notes
-    assert notes[1] == "  rank(s) [2] had not finished when the run stopped waiting (killed)"
+    # Named first, the others after it, rank 1's traceback last.
+    lines = message.splitlines()
+    assert lines[0] == "rank 1 failed first (last below); after it:", message
+    assert re.fullmatch(r"  rank 0 raised \S*Error: .* \(\d+\.\d{3} s later\)", lines[1]), message
+    assert lines[2] == "  rank(s) [2] had not finished when the run stopped waiting (killed)"
+    assert "\n".join(lines[3:5]) == "rank 1 raised:\nTraceback (most recent call last):"
+    assert lines[-1] == "KeyError: 'boom'", message
     # The hanging rank is not waited for beyond the settle time after the first failure.
     assert time.monotonic() - start < 60
 
@@ -108,13 +108,18 @@ def test_a_death_and_the_failure_it_causes_are_both_named() -> None:
     assert re.search(r"rank(\(s\) \[1\]|\s1) exited without a result \(exit codes? "
                      r"(\{1: 3\}|3)", message), message
     assert re.search(r"rank 0 raised", message), message
+    assert re.match(r"rank(\(s\) \[1\]| 0) failed first \(last below\); after it:\n",
+                    message), message
 
 
 def test_hanging_rank_fails_within_the_timeout() -> None:
+    # The timeout covers start-up too (two spawned processes importing torch and
+    # joining the group): 10 s, as this test had, was not enough beside a CPU hog
+    # and a soak run on 2 cores, and both ranks were reported as hanging.
     start = time.monotonic()
-    with pytest.raises(RankFailed, match=r"rank\(s\) \[1\] did not finish within 10 s"):
-        run_ranks(_hang_on_one, 2, timeout=10)
-    assert time.monotonic() - start < 30
+    with pytest.raises(RankFailed, match=r"^rank\(s\) \[1\] did not finish within 25 s$"):
+        run_ranks(_hang_on_one, 2, timeout=25)
+    assert time.monotonic() - start < 45
 
 
 def test_dying_rank_is_reported() -> None:

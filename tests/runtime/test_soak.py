@@ -72,8 +72,11 @@ MODELS: dict[str, dict[str, Any]] = {
     "draft": dict(layers=2, logical=8, exponent=1.6, drift=0.05, shift=2200, seed=2),
 }
 #: Quiescent checkpoints are taken at the first step >= each target where every
-#: model is collecting; memory is compared from the second one (after warm-up) on.
+#: model is collecting and no balancedness round is in flight (see `_quiescent`);
+#: memory is compared from the second one (after warm-up) on.
 CHECKPOINTS = (600, 1200, 1800, 2400, 2900)
+LAG = 2  # readiness_lag
+LOG_INTERVAL = 10  # log_balancedness_interval: one all-reduce per model every 10 steps
 #: Growth allowed in memory allocated by the runtime's code beyond the transition
 #: history's own growth: fluctuation of bounded structures (the load window's map
 #: versions, the current placements, pending balancedness rounds), measured <= 16 KiB.
@@ -199,12 +202,24 @@ def _package_memory() -> dict[str, int]:
             for stat in snapshot.statistics("filename")}
 
 
+def _quiescent(rt: EplbRuntime, names: Any, step: int) -> bool:
+    """Nothing of a rebalance or a balancedness round alive after `step`: every model
+    collecting, and the log's rounds (launched at multiples of LOG_INTERVAL, read LAG
+    steps later, each holding its [L, P] load tensor) all read. Which steps have
+    every model collecting depends on how fast staging went (under load a rebalance
+    takes more steps), so without the second condition a checkpoint could land on
+    either side of a round's read: 2 tensors (1216 B) more or fewer, and the soak
+    reported a leak that is not one (3 times in 4 under a CPU hog)."""
+    return (step % LOG_INTERVAL >= LAG
+            and all(rt.phase(name) == "collecting" for name in names))
+
+
 def _soak(rank: int, world: int, steps: int, checkpoint_steps: tuple[int, ...]
           ) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         cfg = EplbConfig(window_size=40, step_interval=INTERVAL, num_redundant_experts=REDUNDANT,
-                         readiness_lag=2, layers_per_transfer=2, peer_timeout_s=60.0,
-                         log_balancedness=True, log_balancedness_interval=10)
+                         readiness_lag=LAG, layers_per_transfer=2, peer_timeout_s=60.0,
+                         log_balancedness=True, log_balancedness_interval=LOG_INTERVAL)
         rt = EplbRuntime(cfg)
         models = {name: HeavyTaggedModel(rank, world, spec["layers"], spec["logical"],
                                          REDUNDANT) for name, spec in MODELS.items()}
@@ -249,8 +264,7 @@ def _soak(rank: int, world: int, steps: int, checkpoint_steps: tuple[int, ...]
                                           full=moved or step % 10 == 0)
                 assert wrong == 0, f"rank {rank} step {step} {name}: {wrong} wrong slots"
                 _check_maps(rt, name, model)
-            if targets and step >= targets[0] and all(
-                    rt.phase(name) == "collecting" for name in models):
+            if targets and step >= targets[0] and _quiescent(rt, models, step):
                 targets.pop(0)
                 if not checkpoints:
                     tracemalloc.start()

@@ -37,7 +37,7 @@ the same step:
   new set, and the weights move over the union group (leaving ranks send,
   joining ranks receive). It resolves once, with the union's answer.
 - ``salvaging``: the handoff did not complete everywhere (a leaving rank
-  died): the new ranks move what surviving copies exist among themselves.
+  died): the live ranks move every surviving copy to its new slots.
 - ``resizing``: every new rank commits the resized maps at the same step;
   ``resized`` ends in ``collecting``, or in ``failed`` when experts were lost
   (no copy survived; the engine must reload them).

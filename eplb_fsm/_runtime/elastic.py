@@ -12,10 +12,15 @@ all-reduced fact, so the histories of all remaining ranks agree.
 
 The protocol (``U`` = union of old and new ranks, see `_core.elastic`):
 
+0. Arrival (union): every rank waits until all have called in (bounded by
+   ``handover_timeout_s``), so later timeouts count from when peers could
+   answer.
 1. Handover (new ranks, blocking broadcast on the new gloo group): the
    surviving rank with the lowest new rank sends the step counter, every
-   model's placement, transition history and window size in passes.
-   Joining ranks adopt them.
+   model's placement, transition history and window size in passes, the
+   planning settings and every weight tensor's shape and dtype. Joining
+   ranks adopt them, or refuse (through the load round, so that every rank
+   of the union fails before a byte moves).
 2. Load round (union, non-blocking all-reduce, bounded by
    ``peer_timeout_s``): every old rank's window, in logical experts.
 3. Agreement (new ranks): did the load round complete everywhere? If so,
@@ -24,10 +29,11 @@ The protocol (``U`` = union of old and new ranks, see `_core.elastic`):
    time: stage, a union readiness round, an agreement round among the new
    ranks, commit. Leaving ranks only send; after the last union round
    they are ``released``.
-4. Salvage, if a union round failed (a leaving rank died): the new ranks
-   move, among themselves, every expert that still has a copy on one of
-   them; the rest are *lost* and reported by name (layer, expert) with the
-   slots the engine must reload.
+4. Salvage, if a union round failed (a leaving rank died): new rank 0 names
+   the ranks whose heartbeat stopped and publishes, in the store, the move
+   of every expert that still has a live copy (on a new rank or on a live
+   leaving rank, which sends and is then released); the rest are *lost* and
+   reported by name (layer, expert) with the slots the engine must reload.
 5. Resize (new ranks, same step): the model gets its new EP rank
    (``resize_ep``) and new map tensors (``set_eplb_state``), the window
    restarts under the new map seeded with the agreed load (on new rank 0

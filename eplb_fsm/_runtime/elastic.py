@@ -44,9 +44,7 @@ The protocol (``U`` = union of old and new ranks, see `_core.elastic`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import pickle
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,11 +65,22 @@ from .._core.elastic import (
     check_rank_mapping,
     maps_in_union,
     plan_elastic,
-    salvage_in_union,
 )
 from .._core.placement import Placement
 from .config import EplbConfig
 from .driver import ModelDriver
+from .handover import (
+    HANDED_SETTINGS,
+    TAG_BASE,
+    Handed,
+    arrive,
+    digest,
+    publish_salvage,
+    read_salvage,
+    shown,
+    store_prefix,
+    tensors_of,
+)
 from .job import RebalanceFailed
 from .rounds import POLL_S, RoundOutcome, encode_flags, pause, wait_round
 
@@ -164,43 +173,6 @@ def heartbeat_for(group: Any) -> Heartbeat | None:
 
     return Heartbeat.for_default_group(dist.get_rank(group), dist.get_world_size(group),
                                        dist.get_process_group_ranks(group))
-
-
-@dataclass
-class _Handed:
-    step: int
-    models: list[tuple[str, list[list[int]], int, list[tuple[int, str, str, str]], int]]
-    # What the new set must plan and move alike: the planning settings, and each
-    # model's weight tensors (shape without the slot dimension, dtype) by layer.
-    settings: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, list[list[tuple[tuple[int, ...], str]]]] = field(default_factory=dict)
-
-
-# The settings a joining rank adopts from the deployment: plans and transfers
-# must be identical on every rank of the union (a joiner given the launch
-# configuration planned for nodes the deployment no longer had, and gloo
-# aborted on the first transfer whose sizes differed).
-HANDED_SETTINGS = ("num_nodes", "policy", "policy_options", "minimize_moves",
-                   "layers_per_transfer", "readiness_lag", "peer_timeout_s",
-                   "handover_timeout_s", "ranks_per_node", "transfer_path")
-
-# A reconfiguration's own transfers are tagged from here up, apart from the
-# serving transfers' tags (1 .. 2**30) on the same groups.
-_TAG_BASE = 2 ** 30
-
-
-def _tensors(model: Any) -> list[list[tuple[tuple[int, ...], str]]]:
-    return [[(tuple(int(d) for d in t.shape[1:]), str(t.dtype)) for t in layer]
-            for layer in model.expert_weights]
-
-
-def _digest(maps: Mapping[str, npt.NDArray[np.int64]]) -> int:
-    """A 56-bit digest of every model's new maps: equal plans, equal digests."""
-    h = hashlib.blake2b(digest_size=7)
-    for name, p2l in maps.items():
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(p2l, dtype=np.int64).tobytes())
-    return int.from_bytes(h.digest(), "little")
 
 
 class Reconfiguration:
@@ -320,16 +292,16 @@ class Reconfiguration:
         me = dist.get_rank()
         if me in self.groups.old_ranks and \
                 int(self.mapping[self.groups.old_ranks.index(me)]) == source:
-            payload[0] = _Handed(self.step, [
+            payload[0] = Handed(self.step, [
                 (name, d.placement.physical_to_logical.tolist(), d.placement.num_logical,
                  [(r.step, r.source, r.dest, r.trigger) for r in d.lifecycle.history],
                  d.window.passes)
                 for name, d in self.drivers.items()],
                 {k: getattr(self.config, k) for k in HANDED_SETTINGS},
-                {name: _tensors(d.model) for name, d in self.drivers.items()})
+                {name: tensors_of(d.model) for name, d in self.drivers.items()})
         dist.broadcast_object_list(payload, src=self.groups.new_ranks[source],
                                    group=self.groups.new_cpu_group)
-        handed: _Handed = payload[0]
+        handed: Handed = payload[0]
         names = [m[0] for m in handed.models]
         if names != list(self.drivers):
             self._refuse(3, 0, 0, f"this rank's models {list(self.drivers)} differ from the "
@@ -352,19 +324,19 @@ class Reconfiguration:
                                  f"rank; the deployment has {placement.num_layers}, "
                                  f"{placement.num_logical} and {local}")
                     return 0
-                if not self._same_tensors(name, driver, handed.tensors.get(name)):
+                if not self._sametensors_of(name, driver, handed.tensors.get(name)):
                     return 0
                 driver.placement = placement
                 driver.lifecycle.history[:] = [lc.TransitionRecord(*r) for r in history]
         return int(handed.models[0][4]) if handed.models else 0
 
-    def _same_tensors(self, name: str, driver: ModelDriver,
+    def _sametensors_of(self, name: str, driver: ModelDriver,
                       theirs: list[list[tuple[tuple[int, ...], str]]] | None) -> bool:
         """Refuse (see `_refuse`) if this joiner's weights are not the deployment's shapes
         and dtypes: the engine moves raw bytes, which would be garbage here."""
         if theirs is None:
             return True
-        mine = _tensors(driver.model)
+        mine = tensors_of(driver.model)
         for layer, (got, want) in enumerate(zip(mine, theirs, strict=False)):
             for index in range(max(len(got), len(want))):
                 g = got[index] if index < len(got) else None
@@ -372,7 +344,7 @@ class Reconfiguration:
                 if g != w:
                     self._refuse(2, layer, index, (
                         f"model {name!r}: this joining rank's expert_weights[{layer}][{index}] "
-                        f"is {_shown(g)}, the deployment's is {_shown(w)} (per slot); every "
+                        f"is {shown(g)}, the deployment's is {shown(w)} (per slot); every "
                         "rank must hold the same shapes and dtypes (the engine moves raw "
                         "bytes)"))
                     return False
@@ -446,7 +418,7 @@ class Reconfiguration:
         transfer between different plans would pair messages of other sizes."""
         union = self.union_reduce
         digests = np.zeros(union.world_size, dtype=np.int64)
-        digests[union.rank] = _digest({name: new for name, (_, new) in maps.items()})
+        digests[union.rank] = digest({name: new for name, (_, new) in maps.items()})
         try:
             values = await wait_round(union.launch(digests), self.config.peer_timeout_s,
                                       f"union rank {union.rank}")
@@ -465,29 +437,9 @@ class Reconfiguration:
         return True
 
     async def _arrive(self) -> None:
-        """Wait until every rank of the union has called reconfigure/join (a joiner
-        may first build its model), so that the phases' timeouts count from when
-        peers could answer. Bounded by ``handover_timeout_s``; ranks whose heartbeat
-        stopped are not waited for (the handoff then salvages without them)."""
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-        union = self.groups.union_ranks
-        prefix = f"eplb_fsm/elastic/{getattr(self.groups.union_group, 'group_name', '')}/"
-        keys = [f"{prefix}arrived/{g}" for g in union]
-        store.set(keys[union.index(self.global_rank)], "1")
-        deadline = time.monotonic() + self.config.handover_timeout_s
-        while not store.check(keys):
-            missing = [g for g, k in zip(union, keys, strict=True) if not store.check([k])]
-            if missing and set(missing) <= set(_stopped(store, missing)):
-                return
-            if time.monotonic() > deadline:
-                raise RebalanceFailed(
-                    f"reconfiguration at step {self.step}: global rank(s) {missing} did not "
-                    f"call reconfigure/join within handover_timeout_s="
-                    f"{self.config.handover_timeout_s:g} s", model=next(iter(self.drivers)),
-                    ranks=tuple(missing))
-            await pause(0.005)
+        await arrive(_store(), store_prefix(self.groups.union_group), self.groups.union_ranks,
+                     self.global_rank, self.config.handover_timeout_s, self.step,
+                     next(iter(self.drivers)))
 
     async def _agree(self, ok: bool) -> bool:
         """True iff every new rank says `ok` (an all-reduce among the new ranks).
@@ -576,12 +528,14 @@ class Reconfiguration:
         assert self.new is not None
         reduce = self.new[0]
         if reduce.rank == 0:
-            self._publish_salvage(union_now, current)
+            publish_salvage(_store(), store_prefix(self.groups.union_group),
+                            self.groups.union_ranks, self.groups.old_ranks, list(self.drivers),
+                            union_now, {name: maps[1] for name, maps in current.items()})
         salvage = await self._salvage_plan()
         lost: dict[str, dict[int, tuple[int, ...]]] = {}
         for index, (name, batch, held, target) in enumerate(_salvage_batches(self, salvage)):
             ok, staged = await self._move(self.union_mover, reduce, name, held, target, batch,
-                                          "salvage", tag=_TAG_BASE + 2 ** 20 + index)
+                                          "salvage", tag=TAG_BASE + 2 ** 20 + index)
             if not ok or staged is None:
                 if staged is not None:
                     staged.release()
@@ -599,46 +553,10 @@ class Reconfiguration:
         self.unavailable = tuple(salvage["dead_old"])
         return lost
 
-    def _prefix(self) -> str:
-        return f"eplb_fsm/elastic/{getattr(self.groups.union_group, 'group_name', '')}/"
-
-    def _publish_salvage(self, union_now: Mapping[str, npt.NDArray[np.int64]],
-                         current: Mapping[str, tuple[npt.NDArray[np.int64],
-                                                     npt.NDArray[np.int64]]]) -> None:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-        union = list(self.groups.union_ranks)
-        deadline = time.monotonic() + 1.5  # a death shows within 5 heartbeats (1 s)
-        dead = _stopped(store, union)
-        while not dead and time.monotonic() < deadline:
-            time.sleep(0.1)
-            dead = _stopped(store, union)
-        dead_union = [union.index(g) for g in dead]
-        maps = {name: salvage_in_union(union_now[name], current[name][1], dead_union,
-                                       len(union))
-                for name in self.drivers}
-        old_of = list(self.groups.old_ranks)
-        payload = {"dead": dead_union, "maps": maps,
-                   "dead_old": [old_of.index(g) for g in dead if g in old_of]}
-        store.set(f"{self._prefix()}salvage", pickle.dumps(payload))  # type: ignore[arg-type]
-
     async def _salvage_plan(self) -> dict[str, Any]:
-        """The salvage new rank 0 published (waiting for it, bounded)."""
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-        key = f"{self._prefix()}salvage"
-        deadline = time.monotonic() + 3 * self.config.peer_timeout_s
-        while not store.check([key]):
-            if time.monotonic() > deadline:
-                raise RebalanceFailed(
-                    f"reconfiguration at step {self.step}: no salvage plan from new rank 0 "
-                    f"within {3 * self.config.peer_timeout_s:g} s",
-                    model=next(iter(self.drivers)))
-            await pause(0.005)
-        salvage: dict[str, Any] = pickle.loads(store.get(key))
-        return salvage
+        return await read_salvage(_store(), store_prefix(self.groups.union_group),
+                                  3 * self.config.peer_timeout_s, self.step,
+                                  next(iter(self.drivers)))
 
     async def _salvage_as_leaver(self) -> bool:
         """A live leaving rank after a failed handoff: send what the salvage asks of
@@ -654,7 +572,7 @@ class Reconfiguration:
             try:
                 staged = self.union_mover.stage(held, target, batch,
                                                 self.drivers[name].model.expert_weights,
-                                                tag=_TAG_BASE + 2 ** 20 + index)
+                                                tag=TAG_BASE + 2 ** 20 + index)
                 while not staged.ready():
                     if time.monotonic() > deadline:
                         staged.release()
@@ -686,7 +604,7 @@ class Reconfiguration:
                 self.faults.inject(name, point, self.step, batch)
             self.moves += 1  # every rank stages the same batches in the same order
             staged = mover.stage(old, new, batch, self.drivers[name].model.expert_weights,
-                                 tag=_TAG_BASE + self.moves if tag is None else tag)
+                                 tag=TAG_BASE + self.moves if tag is None else tag)
             while not staged.ready() and time.monotonic() < deadline:
                 await pause(POLL_S)
             ready = staged.ready()
@@ -741,26 +659,6 @@ class Reconfiguration:
         share_weights(mover, self.drivers, self.config)
 
 
-def _shown(tensor: tuple[tuple[int, ...], str] | None) -> str:
-    return "missing" if tensor is None else f"{tensor[1]} of shape {list(tensor[0])}"
-
-
-def _stopped(store: Any, global_ranks: list[int]) -> list[int]:
-    """Of `global_ranks`, those whose heartbeat exists and is stale (the process
-    died); a rank that never beat (a joiner still building its model) is not."""
-    from .._adapters.liveness import PREFIX
-
-    now, stale = time.time(), []
-    for g in global_ranks:
-        key = f"{PREFIX}{g}"
-        try:
-            if store.check([key]) and now - float(store.get(key)) > 1.0:
-                stale.append(g)
-        except Exception:
-            continue
-    return stale
-
-
 def _salvage_batches(work: Reconfiguration, salvage: Mapping[str, Any]) -> list[
         tuple[str, tuple[int, ...], npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """The salvage's batches, in the one order every live union rank stages them."""
@@ -769,3 +667,9 @@ def _salvage_batches(work: Reconfiguration, salvage: Mapping[str, Any]) -> list[
         for batch in work._batches(held, target):
             out.append((name, batch, held, target))
     return out
+
+
+def _store() -> Any:
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()

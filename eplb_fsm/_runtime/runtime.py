@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -30,119 +30,13 @@ from .driver import ModelDriver
 from .elastic import ExpertsLost, Reconfiguration, Reconfigured, make_transports
 from .hooks import Hooks, LifecycleEvent
 from .job import RebalanceFailed
+from .model_checks import agree_on_weights, check_model, check_weights
 from .rounds import deferred_cancellation
+from .step_rest import Rest, nothing, raised
 
 __all__ = ["EplbRuntime"]
 
 log = logging.getLogger("eplb_fsm")
-
-_INT_FIELDS = ("num_moe_layers", "num_logical_experts", "num_physical_experts",
-               "num_local_physical_experts", "num_redundant_experts", "num_expert_groups")
-
-
-def _check_model(model: Any, config: EplbConfig, world_size: int) -> int:
-    """Raise ValueError naming the field where `model` and `config` disagree; return groups."""
-    for name in (*_INT_FIELDS, "expert_weights", "set_eplb_state"):
-        if not hasattr(model, name):
-            raise ValueError(f"model lacks {name!r} (see eplb_fsm.MoEModel)")
-    for name in _INT_FIELDS:
-        value = getattr(model, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"model.{name} must be an int >= 0, got {value!r}")
-    num_layers = model.num_moe_layers
-    num_logical, num_physical = model.num_logical_experts, model.num_physical_experts
-    if num_layers < 1 or num_logical < 1:
-        raise ValueError("model.num_moe_layers and model.num_logical_experts must be >= 1")
-    if num_physical != num_logical + model.num_redundant_experts:
-        raise ValueError(f"model.num_physical_experts={num_physical} must equal "
-                         f"num_logical_experts + num_redundant_experts = "
-                         f"{num_logical} + {model.num_redundant_experts}")
-    if model.num_redundant_experts != config.num_redundant_experts:
-        raise ValueError(f"EplbConfig.num_redundant_experts={config.num_redundant_experts} "
-                         f"disagrees with model.num_redundant_experts="
-                         f"{model.num_redundant_experts}")
-    if model.num_local_physical_experts * world_size != num_physical:
-        raise ValueError(f"model.num_local_physical_experts={model.num_local_physical_experts}"
-                         f" x {world_size} ranks must equal num_physical_experts={num_physical}")
-    groups = config.num_groups if config.num_groups is not None else model.num_expert_groups
-    groups = max(int(groups), 1)
-    if num_logical % groups:
-        raise ValueError(f"model.num_logical_experts={num_logical} must be divisible by "
-                         f"num_groups={groups}")
-    if world_size % config.num_nodes:
-        raise ValueError(f"EplbConfig.num_nodes={config.num_nodes} must divide the "
-                         f"{world_size} ranks")
-    return groups
-
-
-def _check_weights(model: Any) -> None:
-    """expert_weights: one list of [local slots, ...] tensors per MoE layer."""
-    num_layers = model.num_moe_layers
-    weights = model.expert_weights
-    if len(weights) != num_layers:
-        raise ValueError(f"model.expert_weights has {len(weights)} layers, expected "
-                         f"num_moe_layers={num_layers}")
-    for layer, tensors in enumerate(weights):
-        if len(tensors) < 1:
-            raise ValueError(f"model.expert_weights[{layer}] holds no tensor")
-        for i, tensor in enumerate(tensors):
-            if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1 or \
-                    tensor.shape[0] != model.num_local_physical_experts:
-                raise ValueError(
-                    f"model.expert_weights[{layer}][{i}] must be a tensor whose first dim is "
-                    f"num_local_physical_experts={model.num_local_physical_experts}")
-
-
-def _describe(model: Any, config: EplbConfig) -> tuple[Any, ...]:
-    """What every rank must agree on before any byte moves: the settings that shape
-    rounds and plans, and each weight tensor's shape and dtype by layer."""
-    settings = tuple(getattr(config, f) for f in (
-        "window_size", "step_interval", "readiness_lag", "layers_per_transfer", "policy",
-        "num_nodes", "use_async", "transfer_path", "log_balancedness"))
-    tensors = tuple(tuple((tuple(t.shape), str(t.dtype)) for t in layer)
-                    for layer in model.expert_weights)
-    return settings, tensors
-
-
-def _agree_on_weights(model: Any, name: str, config: EplbConfig, cpu_group: Any) -> None:
-    """Raise ValueError, on every rank alike, where ranks disagree on `_describe`.
-
-    The engine moves raw bytes: a rank whose experts are another dtype or
-    width than its peers' would receive bytes it reads as garbage, and every
-    rebalance would report success. Every rank sees every rank's description,
-    so all raise the same error, before anything changes.
-    """
-    import torch.distributed as dist
-
-    mine = _describe(model, config)
-    every: list[Any] = [None] * dist.get_world_size(cpu_group)
-    dist.all_gather_object(every, mine, group=cpu_group)
-    first = every[0]
-    for rank, theirs in enumerate(every):
-        if theirs == first:
-            continue
-        if theirs[0] != first[0]:
-            raise ValueError(f"model {name!r}: rank {rank}'s EplbConfig differs from rank 0's "
-                             f"(window_size, step_interval, readiness_lag, "
-                             f"layers_per_transfer, policy, num_nodes, use_async, "
-                             f"transfer_path, log_balancedness: {theirs[0]} vs {first[0]}); "
-                             "every rank must use the same settings")
-        layers, ref = theirs[1], first[1]
-        if len(layers) != len(ref):
-            raise ValueError(f"model {name!r}: rank {rank} has {len(layers)} MoE layers of "
-                             f"expert weights, rank 0 has {len(ref)}")
-        for layer, (got, want) in enumerate(zip(layers, ref, strict=True)):
-            if len(got) != len(want):
-                raise ValueError(f"model {name!r}: rank {rank}'s expert_weights[{layer}] "
-                                 f"holds {len(got)} tensors, rank 0's {len(want)}")
-            for index, (g, w) in enumerate(zip(got, want, strict=True)):
-                if g != w:
-                    raise ValueError(
-                        f"model {name!r}: rank {rank}'s expert_weights[{layer}][{index}] is "
-                        f"{g[1]} of shape {list(g[0])}, rank 0's is {w[1]} of shape "
-                        f"{list(w[0])}; every rank must hold the same shapes and dtypes "
-                        "(the engine moves raw bytes)")
-
 
 class EplbRuntime:
     """Drives every model's rebalance lifecycle from the serving loop.
@@ -223,7 +117,7 @@ class EplbRuntime:
         self._liveness = None
         self._cpu_group = None  # set when built on torch.distributed (add_model agrees on it)
         self._step = 0
-        self._rest: _Rest | None = None
+        self._rest: Rest | None = None
         self._released = False
         self.last_reconfiguration: Reconfigured | None = None
         # One worker: plans are rare, and one at a time keeps memory flat.
@@ -252,7 +146,7 @@ class EplbRuntime:
         if any(d.busy for d in self._drivers.values()):
             raise ValueError("add_model while a rebalance is in flight would break the agreed "
                              "step order; add models before serving or between rebalances")
-        groups = _check_model(model, self.config, self._allreduce.world_size)
+        groups = check_model(model, self.config, self._allreduce.world_size)
         if placement is None:
             placement = Placement.initial(model.num_moe_layers, model.num_logical_experts,
                                           model.num_physical_experts)
@@ -266,9 +160,9 @@ class EplbRuntime:
             index=len(self._drivers))
         # After set_eplb_state (the driver called it): vLLM's models fill
         # expert_weights there, so checking them earlier would refuse them.
-        _check_weights(model)
+        check_weights(model)
         if share and self._cpu_group is not None:
-            _agree_on_weights(model, name, self.config, self._cpu_group)
+            agree_on_weights(model, name, self.config, self._cpu_group)
         share_weights = getattr(self._mover, "share_weights", None)
         if share and share_weights is not None and self.config.transfer_path != "nccl":
             # Collective, like add_model itself: peers map these weights for pulls.
@@ -292,9 +186,9 @@ class EplbRuntime:
                              "the weights under a staged transfer; call it when busy is False")
         share = getattr(self._mover, "share_weights", None)
         for name, driver in self._drivers.items():
-            _check_weights(driver.model)
+            check_weights(driver.model)
             if self._cpu_group is not None:
-                _agree_on_weights(driver.model, name, self.config, self._cpu_group)
+                agree_on_weights(driver.model, name, self.config, self._cpu_group)
             if share is not None and self.config.transfer_path != "nccl":
                 share(driver.model.expert_weights)
 
@@ -340,7 +234,7 @@ class EplbRuntime:
         """
         if is_profile:
             self.profile()
-            return _nothing()
+            return nothing()
         if self._released:
             raise RuntimeError("this rank left the deployment (EplbRuntime.reconfigure "
                                "released it); it has nothing left to balance")
@@ -350,15 +244,15 @@ class EplbRuntime:
         step = self._step
         due = [d for d in self._drivers.values() if d.record_pass(step, is_dummy)]
         if not due:
-            return _nothing()  # nothing agreed at this step: no await, nothing to cancel
+            return nothing()  # nothing agreed at this step: no await, nothing to cancel
         work = self._agreed(step, due, is_dummy)
         try:
             first = work.send(None)
         except StopIteration:
-            return _nothing()
+            return nothing()
         except BaseException as exc:
-            return _raise(exc)
-        rest = self._rest = _Rest(work, first, step)
+            return raised(exc)
+        rest = self._rest = Rest(work, first, step)
         return self._await_rest(rest)
 
     async def _agreed(self, step: int, due: list[ModelDriver], is_dummy: bool) -> None:
@@ -374,7 +268,7 @@ class EplbRuntime:
         if errors:
             raise errors[0]
 
-    async def _await_rest(self, rest: _Rest) -> None:
+    async def _await_rest(self, rest: Rest) -> None:
         try:
             await rest
         finally:
@@ -575,63 +469,3 @@ class EplbRuntime:
         self._hooks.close()
         if self._liveness is not None:
             self._liveness.close()
-
-
-async def _nothing() -> None:
-    return None
-
-
-async def _raise(exc: BaseException) -> None:
-    raise exc
-
-
-class _Rest:
-    """The rest of a step's agreed work, from its first wait on.
-
-    `EplbRuntime.step` runs the work up to the point where it must wait, then
-    hands the suspended coroutine here; awaiting this resumes it in the
-    awaiting task, forwarding what it yields (asyncio futures, trio traps)
-    and what is thrown into it (a cancellation), exactly as if it had been
-    awaited directly.
-    """
-
-    __slots__ = ("_work", "_yielded", "started", "step")
-
-    def __init__(self, work: Coroutine[Any, Any, None], yielded: Any, step: int) -> None:
-        self._work = work
-        self._yielded = yielded
-        self.started = False
-        self.step = step
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        self.started = True
-        work, value = self._work, self._yielded
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                work.close()
-                raise
-            except BaseException as exc:
-                try:
-                    value = work.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    value = work.send(sent)
-                except StopIteration:
-                    return
-
-    def run_blocking(self) -> None:
-        """Finish the work without an event loop: each wait becomes a blocking
-        poll (`rounds.pause` holds a cancellation and sleeps), and what it
-        raises at the end is logged by the drivers already."""
-        self.started = True
-        while True:
-            try:
-                self._work.throw(asyncio.CancelledError())
-            except StopIteration:
-                return
-            except BaseException:  # the held cancellation, or a failure (logged)
-                return

@@ -66,20 +66,37 @@ class Heartbeat:
                 return
 
     def silent_ranks(self, wait: float = 1.5) -> tuple[int, ...] | None:
-        """Ranks whose heartbeat is older than 5 intervals (waiting up to `wait` s for
-        a recent death to show). None if the store cannot be read."""
+        """Ranks whose heartbeat is older than 5 intervals and does not move for 3 more
+        (waiting up to `wait` s for a recent death to show). None if the store
+        cannot be read.
+
+        Why the second look: on a loaded machine a live rank's heartbeat thread
+        can be starved for a second (seen with three ranks and a CPU hog on two
+        cores), and a stale stamp alone then blamed a healthy rank. A dead
+        rank's stamp never moves again; a starved one's moves within moments.
+        """
         stale_after = 5 * self._interval
         deadline = time.monotonic() + wait
         while True:
             try:
+                stamps = self._stamps()
                 now = time.time()
-                silent = tuple(r for r in range(self._world) if r != self._rank and
-                               now - float(self._store.get(self._keys[r])) > stale_after)
+                stale = {r: t for r, t in stamps.items() if now - t > stale_after}
+                if stale:
+                    time.sleep(3 * self._interval)
+                    again = self._stamps()
+                    silent = tuple(r for r, t in stale.items() if again[r] == t)
+                else:
+                    silent = ()
             except Exception:
                 return None
             if silent or time.monotonic() > deadline:
                 return silent
             time.sleep(self._interval)
+
+    def _stamps(self) -> dict[int, float]:
+        return {r: float(self._store.get(self._keys[r])) for r in range(self._world)
+                if r != self._rank}
 
     def close(self) -> None:
         self._stop.set()

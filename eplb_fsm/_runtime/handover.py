@@ -70,17 +70,28 @@ def shown(tensor: tuple[tuple[int, ...], str] | None) -> str:
 
 
 def stopped_ranks(store: Any, global_ranks: list[int]) -> list[int]:
-    """Of `global_ranks`, those whose heartbeat exists and is stale (the process
-    died); a rank that never beat (a joiner still building its model) is not."""
-    now, stale = time.time(), []
-    for g in global_ranks:
-        key = f"{HEARTBEAT_PREFIX}{g}"
-        try:
-            if store.check([key]) and now - float(store.get(key)) > 1.0:
-                stale.append(g)
-        except Exception:
-            continue
-    return stale
+    """Of `global_ranks`, those whose heartbeat exists, is stale and does not move
+    for a moment more (the process died; see `Heartbeat.silent_ranks` on why the
+    second look); a rank that never beat (a joiner still building its model) is
+    not."""
+    def stamps() -> dict[int, float]:
+        out = {}
+        for g in global_ranks:
+            key = f"{HEARTBEAT_PREFIX}{g}"
+            try:
+                if store.check([key]):
+                    out[g] = float(store.get(key))
+            except Exception:
+                continue
+        return out
+
+    now = time.time()
+    stale = {g: t for g, t in stamps().items() if now - t > 1.0}
+    if not stale:
+        return []
+    time.sleep(0.6)
+    again = stamps()
+    return [g for g, t in stale.items() if again.get(g) == t]
 
 
 def store_prefix(union_group: Any) -> str:

@@ -47,7 +47,7 @@ def _scenario(rank: int, world: int, scenario: str) -> dict[str, Any]:
         rt.add_model(model, "main")
         faults = Faults()
         inject_faults(rt, faults)
-        if scenario == "die_staging" and rank == 2:
+        if scenario in ("die_staging", "die_then_serve") and rank == 2:
             faults.actions["stage"] = _die_on(2)  # launching layer 1, after layer 0 committed
         elif scenario == "die_commit" and rank == 2:
             faults.actions["commit"] = _die_on(2)  # inside the second commit
@@ -56,18 +56,24 @@ def _scenario(rank: int, world: int, scenario: str) -> dict[str, Any]:
         elif scenario == "slow" and rank == 1:
             faults.delay["staging"] = 6
         error: RebalanceFailed | None = None
+        later: list[tuple[int, str]] = []  # failures after the first (die_then_serve)
         longest_step = 0.0
-        for _ in range(120):
+        for _ in range(120 if scenario != "die_then_serve" else 160):
             _feed(model)
             time.sleep(0.002)  # the forward pass
             start = time.perf_counter()
             try:
                 await rt.step()
             except RebalanceFailed as exc:
+                if error is not None:
+                    later.append((rt.step_count, str(exc)))
+                    continue
                 error = exc
-                break
+                if scenario != "die_then_serve":
+                    break
             finally:
-                longest_step = max(longest_step, time.perf_counter() - start)
+                if error is None or scenario != "die_then_serve":
+                    longest_step = max(longest_step, time.perf_counter() - start)
         p2l = rt.placement().physical_to_logical
         result = {
             "error": str(error) if error else None,
@@ -80,6 +86,7 @@ def _scenario(rank: int, world: int, scenario: str) -> dict[str, Any]:
             "committed": [layer for layer in range(L) if not (p2l[layer] == INITIAL).all()],
             "history": [tuple(r) for r in rt.history()],
             "done": rt.stats()["models"]["main"]["rebalances"]["done"],
+            "later": later, "steps": rt.step_count,
         }
         rt.close()
         return result
@@ -131,3 +138,17 @@ def test_slow_rank_delays_commits_equally_without_blocking_steps() -> None:
                if h[1] == "awaiting_all_ranks" and h[2] == "staging"]
     assert retries  # the slow rank cost whole extra rounds, on every rank alike
     assert all(r["wrong_slots"] == [] and r["maps_agree"] for r in results)
+
+
+def test_survivors_of_a_dead_rank_keep_serving_and_each_later_rebalance_fails_fast() -> None:
+    survivors = _survivors("die_then_serve")
+    for result in survivors:
+        assert result["steps"] == 160  # every pass served after the death
+        assert result["error"] is not None and "rank(s) [2] stopped answering" in result["error"]
+        # Rebalances starting at steps 60, 90, 120, 150 fail when their load round is
+        # read (2 lags later) on the broken group: named, never a hang, never a
+        # crash, the weights untouched.
+        assert [step for step, _ in result["later"]] == [64, 94, 124, 154], result["later"]
+        assert all("rank(s) [2] stopped answering" in m for _, m in result["later"])
+        assert result["wrong_slots"] == [] and result["maps_agree"]
+    assert survivors[0]["history"] == survivors[1]["history"]

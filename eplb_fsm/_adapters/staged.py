@@ -149,7 +149,14 @@ class Waiter:
 
 
 class InFlight:
-    """Launched work and what must stay alive until it is done.
+    """A transfer handed to the engine's launch worker, then its launched work and
+    what must stay alive until that work is done.
+
+    The serving thread creates it at the agreed step and returns at once; the
+    worker (`launcher.Launcher`) allocates the staging buffer, packs, posts
+    the sends and receives and queues the pulls, then calls `launched` (or
+    `launch_failed`). Until then `done()` is False, so `ready()` reads "not
+    yet" and the readiness rounds carry on as for a slow network.
 
     On GPU, completion is ``Work.is_completed()`` plus the side stream's event.
     Gloo's send/recv work, however, reports ``is_completed() == False`` until
@@ -159,19 +166,48 @@ class InFlight:
     (gloo releases the GIL there) and `done()` reads its flag.
     """
 
-    def __init__(self, works: list[Any], event: torch.cuda.Event | None,
-                 buffers: list[torch.Tensor], waiter: Waiter,
-                 error: BaseException | None = None) -> None:
-        self.works = works
-        self.event = event
-        self.buffers = buffers
+    def __init__(self, waiter: Waiter, cpu: bool, error: BaseException | None = None) -> None:
+        self.cpu = cpu  # gloo work: waited for by a `Waiter` thread
+        self.works: list[Any] = []
+        self.event: torch.cuda.Event | None = None
+        self.buffers: list[torch.Tensor] = []
+        self.staging: torch.Tensor | None = None  # set by the worker
         # Preset when the launch itself knows the result is unusable (weights
         # reallocated since sharing): reported by `ready()` once the work is done.
         self.error: BaseException | None = error
+        self.launch_error: BaseException | None = None
+        self._waiter = waiter
+        self._launch_done = threading.Event()
         self._finished: threading.Event | None = None
-        if event is None and works:
+
+    # -- the worker's side ------------------------------------------------------------
+
+    def launched(self, works: list[Any], event: torch.cuda.Event | None) -> None:
+        """Called by the worker once everything is posted (in this order: the
+        fields, then the flag the serving thread polls)."""
+        self.works = works
+        self.event = event
+        if self.cpu and works:
             self._finished = threading.Event()
-            waiter.submit(self)
+            self._waiter.submit(self)
+        self._launch_done.set()
+
+    def launch_failed(self, exc: BaseException, works: list[Any]) -> None:
+        """The worker raised while launching. Work it did post still runs (and
+        reads or writes the buffers), so it is waited for before `done()`;
+        `ready()` raises at once."""
+        self.launch_error = exc
+        if works:
+            self.launched(works, None)
+        else:
+            self._launch_done.set()
+
+    # -- the serving thread's side -------------------------------------------------------
+
+    @property
+    def launching(self) -> bool:
+        """Not yet launched by the worker."""
+        return not self._launch_done.is_set()
 
     def wait_all(self) -> None:
         assert self._finished is not None
@@ -187,6 +223,9 @@ class InFlight:
             self._finished.set()
 
     def done(self) -> bool:
+        """Launched, and every launched operation complete."""
+        if not self._launch_done.is_set():
+            return False
         if self._finished is not None:
             return self._finished.is_set()
         if not all(work.is_completed() for work in self.works):
@@ -194,6 +233,7 @@ class InFlight:
         return self.event is None or bool(self.event.query())
 
     def block(self) -> None:
+        self._launch_done.wait()
         if self._finished is not None:
             self._finished.wait()
         elif self.event is not None:
@@ -209,17 +249,19 @@ class StagedLayers:
     """
 
     def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                 inflight: InFlight, staging: torch.Tensor,
+                 inflight: InFlight, staging_bytes: int,
                  offsets: Mapping[tuple[int, int], int],
                  temp: int, bytes_received: int, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
                  note_commit: Callable[[torch.cuda.Event], None] | None = None,
-                 own: Sequence[Sequence[SlotBytes]] | None = None) -> None:
+                 own: Sequence[Sequence[SlotBytes]] | None = None,
+                 give_back: Callable[[torch.Tensor | None], None] | None = None) -> None:
         self._sched = sched
         self._weights = expert_weights
         self._device = device
         self._inflight: InFlight | None = inflight
-        self._staging: torch.Tensor | None = staging
+        self._staging_bytes = staging_bytes  # the worker allocates the buffer itself
+        self._give_back = give_back  # returns a CPU buffer no transfer uses to the pool
         self._offsets = offsets  # (layer, expert) -> byte offset of its staged row
         self._temp = temp  # byte offset of the row commit saves a cycle's slot in, or -1
         self._bytes_received = bytes_received
@@ -253,16 +295,24 @@ class StagedLayers:
             raise RuntimeError("ready() after release(): this staged transfer was dropped")
         if self._completed:
             return True
-        assert self._inflight is not None
-        if not self._inflight.done():
+        inflight = self._inflight
+        assert inflight is not None
+        if inflight.launch_error is not None:  # the worker could not launch it
+            raise RuntimeError(f"the launch of the transfer of layers {self.layers} failed on "
+                               f"rank {self._sched.rank}: "
+                               f"{type(inflight.launch_error).__name__}: "
+                               f"{inflight.launch_error}") from inflight.launch_error
+        if not inflight.done():
             return False
-        if self._inflight.error is not None:
+        if inflight.error is not None:
             raise RuntimeError(f"the transfer of layers {self.layers} failed on rank "
-                               f"{self._sched.rank}: {self._inflight.error}"
-                               ) from self._inflight.error
+                               f"{self._sched.rank}: {inflight.error}") from inflight.error
         self._completed = True
-        # Sends are done: the send buffer can go back to the allocator now.
-        self._inflight.buffers = []
+        # Sends are done: the send buffer can go back to the allocator (or pool) now.
+        buffers, inflight.buffers = inflight.buffers, []
+        if self._give_back is not None:
+            for buffer in buffers:
+                self._give_back(buffer)
         return True
 
     def commit(self, layers: Iterable[int] | None = None) -> None:
@@ -288,7 +338,8 @@ class StagedLayers:
                 raise ValueError(f"layer {layer} is already committed")
         if not self.ready():
             raise RuntimeError("commit() before ready(): the staged weights are incomplete")
-        assert self._inflight is not None and self._staging is not None
+        assert self._inflight is not None and self._inflight.staging is not None
+        staging = self._inflight.staging
         stream = None
         if self._device.type == "cuda":
             stream = torch.cuda.current_stream(self._device)
@@ -296,16 +347,17 @@ class StagedLayers:
                 stream.wait_event(self._inflight.event)
         with torch.no_grad():
             for layer in chosen:
-                self._commit_layer(layer, self._staging)
+                self._commit_layer(layer, staging)
                 self._committed.add(layer)
         if stream is not None:
-            self._staging.record_stream(stream)  # reused only after these copies ran
+            staging.record_stream(stream)  # reused only after these copies ran
             if self._note_commit is not None:
                 committed = torch.cuda.Event()
                 committed.record(stream)
                 self._note_commit(committed)
         if not self._pending():
-            self._drop()
+            # On CPU the copies ran: the staging buffer is free for the next transfer.
+            self._drop(reuse=stream is None)
 
     def release(self) -> None:
         """Drop the staging buffers without touching the live weights (abort path).
@@ -316,11 +368,14 @@ class StagedLayers:
         if self._released:
             return
         self._released = True
-        if self._inflight is not None and not self._completed and not self._inflight.done():
-            assert self._staging is not None
-            self._inflight.buffers.append(self._staging)
-            self._keep_until_done(self._inflight)
-        self._drop()
+        inflight = self._inflight
+        if inflight is not None and not self._completed and not inflight.done():
+            # Peers (and a launch still queued on the worker) will still write into
+            # its buffers, which `inflight` holds; the engine keeps it until done.
+            self._keep_until_done(inflight)
+            self._drop(reuse=False)
+            return
+        self._drop(reuse=self._completed and self._device.type == "cpu")
 
     # -- helpers beyond the protocol -------------------------------------------------------
 
@@ -343,7 +398,7 @@ class StagedLayers:
     def staging_bytes(self) -> int:
         """Bytes of staging memory this handle holds (received or pulled rows, and the
         temp row of a cycle of local moves)."""
-        return 0 if self._staging is None else int(self._staging.numel())
+        return 0 if self._inflight is None else self._staging_bytes
 
     async def wait(self, poll_interval: float = 0.0005) -> None:
         """Await `ready()` by polling it every `poll_interval` seconds (anyio)."""
@@ -379,7 +434,11 @@ class StagedLayers:
                     t.from_buffer(staging, at, step.slot)
                 at += aligned(t.nbytes)
 
-    def _drop(self) -> None:
-        self._inflight = None
-        self._staging = None
+    def _drop(self, reuse: bool = False) -> None:
+        """Let go of the buffers; `reuse`: no transfer or queued copy uses the staging
+        buffer any more, so it may serve the next transfer (CPU)."""
+        inflight, self._inflight = self._inflight, None
         self._offsets = {}
+        if reuse and inflight is not None and self._give_back is not None:
+            staging, inflight.staging = inflight.staging, None
+            self._give_back(staging)

@@ -24,14 +24,29 @@ Why it is shaped this way:
   launches, then queues the pulls *behind* the launch so they overlap the
   network, not delay it. With ``pieces > 1`` packing piece k+1 also overlaps
   sending piece k.
-- **Never block the serving loop.** On GPU the copies and the launch run on a
-  side stream that first waits on the current one (when it packs live slots;
-  a stage that only pulls has nothing to wait for), the side stream then waits
-  on the NCCL work, and an event is recorded; `ready()` only asks
+- **Never block the serving loop, and pay nothing per byte on it.** `stage()`
+  validates (cheap, and where every rank raises alike), hands the launch to
+  the engine's one long-lived worker thread (`launcher.Launcher`) and
+  returns: the serving thread's share of a launching step is a hand-off and,
+  later, polls of a flag, whatever the bytes. The worker allocates, packs,
+  posts the sends and receives and queues the pulls, in the order transfers
+  were staged (NCCL pairs point-to-point work in issue order), and never
+  waits for a transfer. On GPU its copies and the launch run on a side
+  stream that first waits on the serving thread's current stream as it was
+  at the agreed step (an event recorded by `stage()`, when it packs live
+  slots; a stage that only pulls has nothing to wait for), the side stream
+  then waits on the NCCL work, and an event is recorded; `ready()` only asks
   ``Event.query()`` and ``Work.is_completed()``. On CPU (gloo), copies are
-  plain memcpys done at stage time and the sends/receives run on gloo's
-  threads; gloo's send/recv work only notices its own completion inside
-  ``wait()``, so a daemon thread waits and `ready()` reads its flag.
+  plain memcpys on the worker, into buffers reused from earlier transfers
+  (`launcher.BufferPool`: a fresh buffer's page faults cost more than the
+  copy), and the sends/receives run on gloo's threads; gloo's send/recv work
+  only notices its own completion inside ``wait()``, so a daemon thread
+  waits and `ready()` reads its flag. A worker that raises makes the
+  handle's `ready()` raise, as a failed transfer does. One exception keeps
+  the launch on the serving thread (``launch="auto"``): an NCCL transfer
+  group that is WORLD, which the forward pass may use too -- two threads
+  issuing NCCL work on one communicator would order it differently on
+  different ranks (docs/design.md).
 - **NCCL's first-use rule.** ``batch_isend_irecv`` on NCCL requires every
   rank of the group to take part when it is the group's *first* collective
   (torch docs); later batches may involve a subset. A rank with nothing to
@@ -62,7 +77,10 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import threading
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -74,6 +92,7 @@ import torch.distributed as dist
 from .._core.transfer_channels import ChannelMap, TransferPath, check_path
 from .._core.transfer_plan import check_maps, plan_layers
 from .._core.transfer_schedule import Layout, RankSchedule, aligned, expert_stride, schedule
+from .launcher import BufferPool, Launcher
 from .prepared import Launch, PreparedTransfer, make_launch
 from .pull import SharedWeights
 from .pull import share_weights as _share_weights
@@ -124,12 +143,21 @@ class TransferEngine:
     pair and raises where it cannot. `cpu_group` (default: `group`) carries
     the handle-sharing collective. Every rank of the group must use the same
     settings.
+
+    `launch` says which thread launches transfers: ``"worker"`` (the engine's
+    launch worker: `stage()` costs the serving thread O(1) in bytes),
+    ``"inline"`` (the caller, inside `stage()`), or ``"auto"`` (the default):
+    the worker, except on an NCCL group that is WORLD with peers, which the
+    forward pass may share (NCCL work on one communicator must be issued in
+    one order on every rank, so only one thread may issue it). Give the
+    runtime its own NCCL group to have the worker launch there too.
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, *,
                  device: torch.device | str | None = None, node_size: int | None = None,
                  pieces: int | Literal["auto"] = "auto", path: str = "auto",
-                 cpu_group: dist.ProcessGroup | None = None) -> None:
+                 cpu_group: dist.ProcessGroup | None = None,
+                 launch: Literal["auto", "worker", "inline"] = "auto") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("TransferEngine needs an initialized torch.distributed "
                                "process group (dist.init_process_group)")
@@ -138,7 +166,11 @@ class TransferEngine:
         if pieces != "auto" and (not isinstance(pieces, int) or isinstance(pieces, bool)
                                  or pieces < 1):
             raise ValueError(f"pieces must be a positive int or 'auto', got {pieces!r}")
+        if launch not in ("auto", "worker", "inline"):
+            raise ValueError(f"launch must be 'auto', 'worker' or 'inline', got {launch!r}")
         self.path: TransferPath = check_path(path, "path")
+        self._launch_mode = launch
+        self._on_worker: dict[str, bool] = {}  # device type -> whether the worker launches
         self._cpu_group = cpu_group
         self._shared: list[SharedWeights] = []
         self._said: set[str] = set()  # log lines already written (each once per engine)
@@ -156,6 +188,13 @@ class TransferEngine:
         self._draining: list[InFlight] = []
         self._commits: list[torch.cuda.Event] = []  # queued commits not yet run
         self._waiter = Waiter()
+        self._pool = BufferPool()  # CPU staging and send buffers, reused
+        self._side_lock = threading.Lock()
+        # Started now, not at the first stage (a thread start costs the caller ~1.6 ms
+        # on a loaded 2-core host); it ends when the engine is closed or collected.
+        self._launcher = Launcher() if launch != "inline" else None
+        if self._launcher is not None:
+            weakref.finalize(self, self._launcher.close)
         # layer -> one slot's bytes per tensor, as last staged: written by the
         # serving thread, read by prepare() in the planning thread when no
         # shared weights fit its maps (several models may share one engine).
@@ -244,9 +283,24 @@ class TransferEngine:
             if launch is None or launch.shared is not shared or launch.nbytes != nbytes:
                 launch = make_launch(prepared.schedule, nbytes, shared, self._pieces)
         self._prune()
-        with torch.no_grad():
-            return self._launch(prepared.schedule, expert_weights, device, launch, problem,
-                                tag)
+        return self._hand_off(prepared.schedule, expert_weights, device, launch, problem, tag)
+
+    def close(self) -> None:
+        """End the launch worker once the transfers already staged are launched, and
+        drop pooled buffers. Later `stage()` calls raise."""
+        if self._launcher is not None:
+            self._launcher.close()
+        self._pool.clear()
+
+    @property
+    def launcher(self) -> Launcher | None:
+        """The launch worker (None with ``launch="inline"``)."""
+        return self._launcher
+
+    @property
+    def pool(self) -> BufferPool:
+        """CPU buffers kept for reuse between transfers."""
+        return self._pool
 
     def share_weights(self, expert_weights: Weights) -> ChannelMap:
         """Collective: share handles to `expert_weights` with same-node peers and
@@ -483,7 +537,11 @@ class TransferEngine:
     def _side(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Event]:
         side = self._streams.get(device)
         if side is None:
-            side = self._streams[device] = (torch.cuda.Stream(device=device), torch.cuda.Event())
+            with self._side_lock:  # the worker and the caller (profile, warm_up) both ask
+                side = self._streams.get(device)
+                if side is None:
+                    side = self._streams[device] = (torch.cuda.Stream(device=device),
+                                                    torch.cuda.Event())
         return side
 
     def _on_side_stream(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -500,79 +558,130 @@ class TransferEngine:
         if self._draining:
             self._draining = [f for f in self._draining if not f.done()]
 
-    def _launch(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                launch: Launch, problem: str, tag: int = 0) -> StagedLayers:
-        # Everything before the first copy delays the transfer: only what it needs.
-        layout = launch.layout
+    def _uses_worker(self, device: torch.device) -> bool:
+        """Whether the worker launches transfers of `device`'s tensors (see `launch`)."""
+        chosen = self._on_worker.get(device.type)
+        if chosen is None:
+            chosen = self._launcher is not None and (
+                self._launch_mode == "worker" or self.world_size == 1
+                or self._backend_for(device) != "nccl"
+                or self._group not in (None, dist.group.WORLD))
+            if not chosen and self._launcher is not None:
+                self._say("inline", "transfers launch on the serving thread: the transfer group "
+                          "is NCCL's WORLD, which the forward pass may share; give the runtime "
+                          "its own group (EplbRuntime(group=dist.new_group(...))) to launch "
+                          "them from the engine's worker", level=logging.INFO)
+            self._on_worker[device.type] = chosen
+        return chosen
+
+    def _hand_off(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
+                  launch: Launch, problem: str, tag: int) -> StagedLayers:
+        """The serving thread's share of a launch: O(1) in bytes and slots. A fence on
+        the current stream (GPU, when live slots are packed), the handle, and the
+        launch queued on the worker (or run here, ``launch="inline"``)."""
         cuda = device.type == "cuda"
-        works: list[Any] = []
-        buffers: list[torch.Tensor] = []
-        restore, caller_device = None, None
-        if cuda:
-            # The side stream, set directly rather than with torch.cuda.stream(),
-            # and after the current one through one reused event rather than a new
-            # one: ~30 us less before the first copy on an H200 host.
-            stream, fence = self._side(device)
-            restore = torch.cuda.current_stream(device)
-            caller_device = torch.cuda.current_device()
-            if launch.network:
-                # Packing reads live slots that work queued on the current stream
-                # (a commit) may still be writing. Pulls need no such wait: they
-                # write a fresh buffer and read peers' slots, whose commits the
-                # protocol orders (settled(), docs/transfers.md).
-                fence.record(restore)
-                stream.wait_event(fence)
-            torch.cuda.set_stream(stream)  # also makes `device` current
-        try:
-            if cuda and not self._warm:
-                self.warm_up(device)
-            staging = torch.empty(layout.staging_bytes, dtype=torch.uint8, device=device)
-            if launch.network:
-                works = self._send_and_receive(layout, expert_weights, launch.shared, staging,
-                                               buffers, tag)
-            # Behind the launch, so the copy engines' reads of peers' memory
-            # overlap the network.
-            for tensor, slot, offset in launch.pulls:
-                tensor.to_buffer(staging, offset, slot)
-            event = None
-            if cuda:
-                for work in works:
-                    work.wait()  # the side stream waits for NCCL; the host does not
-                event = torch.cuda.Event()
-                event.record(stream)
-        finally:
-            if restore is not None:
-                torch.cuda.set_stream(restore)
-                if caller_device != restore.device_index:
-                    torch.cuda.set_device(caller_device)
+        fence = None
+        if cuda and launch.network:
+            # Packing reads live slots that work queued on the current stream (a
+            # commit) may still be writing: the side stream waits for the stream as
+            # it is now. Pulls need no such wait: they write a fresh buffer and read
+            # peers' slots, whose commits the protocol orders (settled(),
+            # docs/transfers.md).
+            fence = torch.cuda.Event()
+            fence.record(torch.cuda.current_stream(device))
         error = None
         if problem:
             error = RuntimeError(
                 f"rank {self.rank}: {problem} is not the memory shared with peers by "
                 "share_weights() (reallocated?), so peers pulled stale weights from it; "
                 "call share_weights() on every rank again")
-        inflight = InFlight(works, event, buffers, self._waiter, error)
+        inflight = InFlight(self._waiter, cpu=not cuda, error=error)
+        layout = launch.layout
         shared = launch.shared
-        return StagedLayers(sched, expert_weights, device, inflight, staging,
-                            layout.staging, layout.temp, launch.received,
-                            self._keep_until_done,
-                            pulls=shared is not None and bool(shared.channels.pulls),
-                            note_commit=self._commits.append,
-                            own=shared.own_slots if shared is not None else None)
+        handle = StagedLayers(sched, expert_weights, device, inflight, layout.staging_bytes,
+                              layout.staging, layout.temp, launch.received,
+                              self._keep_until_done,
+                              pulls=shared is not None and bool(shared.channels.pulls),
+                              note_commit=self._commits.append,
+                              own=shared.own_slots if shared is not None else None,
+                              give_back=None if cuda else self._pool.give)
+        job = functools.partial(self._launch, inflight, expert_weights, device, launch, tag,
+                                fence)
+        if self._launcher is not None and self._uses_worker(device):
+            self._launcher.submit(job)
+        else:
+            job(inline=True)
+            if inflight.launch_error is not None:
+                # On the caller's thread a launch error raises, as it always did.
+                self._keep_until_done(inflight)
+                raise inflight.launch_error
+        return handle
+
+    def _launch(self, inflight: InFlight, expert_weights: Weights, device: torch.device,
+                launch: Launch, tag: int, fence: torch.cuda.Event | None,
+                inline: bool = False) -> None:
+        """Allocate, pack, post, queue the pulls: on the worker (or inline). Reports to
+        `inflight`, never raises: a failure is the handle's error."""
+        layout = launch.layout
+        cuda = device.type == "cuda"
+        works: list[Any] = []
+        restore, caller_device = None, None
+        try:
+            with torch.no_grad():
+                if cuda:
+                    stream, _ = self._side(device)
+                    if inline:
+                        restore = torch.cuda.current_stream(device)
+                        caller_device = torch.cuda.current_device()
+                    if fence is not None:
+                        stream.wait_event(fence)
+                    torch.cuda.set_stream(stream)  # also makes `device` current
+                    if not self._warm:
+                        self.warm_up(device)
+                    staging = torch.empty(layout.staging_bytes, dtype=torch.uint8,
+                                          device=device)
+                else:
+                    staging = self._pool.take(layout.staging_bytes)
+                inflight.staging = staging
+                if launch.network:
+                    self._send_and_receive(layout, expert_weights, launch.shared, staging,
+                                           inflight.buffers, tag, works)
+                # Behind the launch, so the copy engines' reads of peers' memory
+                # overlap the network.
+                for tensor, slot, offset in launch.pulls:
+                    tensor.to_buffer(staging, offset, slot)
+                event = None
+                if cuda:
+                    for work in works:
+                        work.wait()  # the side stream waits for NCCL; the host does not
+                    event = torch.cuda.Event()
+                    event.record(stream)
+        except BaseException as exc:  # the handle's error: ready() raises it
+            inflight.launch_failed(exc, works)
+            return
+        finally:
+            if restore is not None:
+                torch.cuda.set_stream(restore)
+                if caller_device != restore.device_index:
+                    torch.cuda.set_device(caller_device)
+        inflight.launched(works, event)
 
     def _send_and_receive(self, layout: Layout, expert_weights: Weights,
                           shared: SharedWeights | None, staging: torch.Tensor,
-                          buffers: list[torch.Tensor], tag: int = 0) -> list[Any]:
-        """Pack and launch this rank's messages, piece by piece; returns the works.
+                          buffers: list[torch.Tensor], tag: int,
+                          works: list[Any]) -> None:
+        """Pack and launch this rank's messages, piece by piece, appending the works
+        to `works` as they are posted (so a failure midway still waits for them).
         The send buffer goes into `buffers` (kept alive until the sends are done)."""
         own = shared.own_slots if shared is not None else None
         mine = {layer: current_slots(expert_weights, layer, own)
                 for layer in {layer for _, layer, _ in layout.packed}}
         packed = staging[:0]
         if layout.send_bytes:
-            packed = torch.empty(layout.send_bytes, dtype=torch.uint8, device=staging.device)
+            packed = (self._pool.take(layout.send_bytes) if staging.device.type == "cpu"
+                      else torch.empty(layout.send_bytes, dtype=torch.uint8,
+                                       device=staging.device))
             buffers.append(packed)
-        works: list[Any] = []
         done = 0
         for piece, upto in enumerate(layout.packed_per_piece):
             for offset, layer, src_slot in layout.packed[done:upto]:
@@ -585,7 +694,6 @@ class TransferEngine:
             # torch rejects an empty list; an idle rank simply has nothing to wait for.
             if ops:
                 works.extend(dist.batch_isend_irecv(ops))
-        return works
 
     @staticmethod
     def _copy_slot(buffer: torch.Tensor, offset: int, tensors: Sequence[SlotBytes],

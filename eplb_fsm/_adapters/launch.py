@@ -183,7 +183,11 @@ def run_ranks(
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
 
-    `fn` and `args` must be picklable (a module-level function). No rank calls
+    `fn` and `args` must be picklable (a module-level function), and the script
+    that calls `run_ranks` must guard its top level with
+    ``if __name__ == "__main__":``: each rank is a *spawned* interpreter that
+    imports the main module again, and without the guard would launch ranks
+    of its own. No rank calls
     `fn` before every rank has joined the process group. Returns the ranks'
     return values in rank order; raises `RankFailed` if any rank raises,
     exits without a result, or the run outlasts `timeout` seconds. Where

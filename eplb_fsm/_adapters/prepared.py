@@ -4,7 +4,7 @@ Split from the engine (`transfer.py`) because it is the engine's plan, not
 its mechanics: `prepare()` runs it in the runtime's planning thread, and the
 agreed step only checks that it still holds and launches. On the H200 hosts
 every microsecond of Python before a stage's first copy delays the whole
-transfer (`benchmarks/stage_timeline.py`, docs/transfers.md).
+transfer (`benchmarks/diagnostics/stage_timeline.py`, docs/transfers.md).
 """
 
 from __future__ import annotations

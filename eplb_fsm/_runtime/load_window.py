@@ -144,7 +144,7 @@ class LoadWindow:
             # The snapshot's kernels and pinned buffer, once, here: the first
             # snapshot runs inside a serving step, and a kernel's first launch
             # blocks the host until every running kernel ends (CUDA's lazy
-            # loading; benchmarks/stream_waits.py).
+            # loading; benchmarks/diagnostics/stream_waits.py).
             # (The whole ring, not one entry: torch may turn a sum over one
             # entry into a copy, and then the reduction kernel would stay cold.)
             total = self._buf.sum(dim=0)

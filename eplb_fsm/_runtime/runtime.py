@@ -312,7 +312,10 @@ class EplbRuntime:
             raise cancelled[0]
 
     def rearrange(self) -> None:
-        """Blocking full rebalance now, the synchronous path; all ranks call it together."""
+        """Blocking full rebalance now, the synchronous path; all ranks call it together.
+
+        Raises RuntimeError while a rebalance is in flight (`busy`), and inside a
+        running event loop (use `rearrange_async` there)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -421,7 +421,7 @@ def _pulls_pass_queued_compute(rank: int, world: int, device: torch.device) -> N
     engine.share_weights(weights)
     # Launched once first: a kernel's first launch in a process waits for every
     # running kernel whatever the stream (CUDA's lazy module loading;
-    # benchmarks/stream_waits.py), which is not what this checks.
+    # benchmarks/diagnostics/stream_waits.py), which is not what this checks.
     torch.ones(1, device=device).add_(1)
     torch.cuda.synchronize()
     handle = engine.stage(old, new, [0], weights)

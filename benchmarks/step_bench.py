@@ -8,11 +8,16 @@ collectives keep ranks in step, as serving does, and its compute lets the
 barrier's gloo threads go quiet before `step()` runs, as they would in
 serving). Times are per step, in microseconds, over all ranks' steps.
 
-In flight, steps are split into those that launched a collective (a load or
-readiness all-reduce) and the rest: only the former should cost more than
-an idle step.
+In flight, steps are split by what they did: launched a weight transfer
+(`stage()`: on its own, or right after committing the previous layer batch,
+at the same agreed step), launched a collective (a load or readiness
+all-reduce), or nothing agreed. Each slot carries ``--slot-kb`` of weights
+(default 1 MB) beside the tagged ones, so a transfer's cost in bytes shows:
+a launch hands the bytes to the engine's worker and should cost about an
+idle step; a commit copies one layer's changed slots on the serving thread
+(CPU; on GPU it queues device copies) and costs what those bytes cost.
 
-    python benchmarks/step_bench.py [--ranks 2 4] [--steps 3000]
+    python benchmarks/step_bench.py [--ranks 2 4] [--steps 3000] [--slot-kb 1024]
 """
 
 from __future__ import annotations
@@ -30,7 +35,45 @@ from _machine import cpu_line  # benchmarks/ is on sys.path
 from eplb_fsm import EplbConfig, EplbRuntime
 from eplb_fsm.testing import TaggedMoEModel, run_ranks
 
+
+class HeavyModel(TaggedMoEModel):
+    """`TaggedMoEModel` plus one float32 tensor of `slot_kb` KiB per slot and layer."""
+
+    def __init__(self, rank: int, world: int, slot_kb: int) -> None:
+        super().__init__(rank, world, L, E, REDUNDANT)
+        if slot_kb:
+            n = self.num_local_physical_experts
+            for tensors in self.expert_weights:
+                tensors.append(torch.ones(n, slot_kb * 256, dtype=torch.float32))
+
 L, E, REDUNDANT = 8, 64, 16
+
+
+def _count_calls(obj: Any, name: str) -> list[int]:
+    """Count calls of `obj.name` (the bench's own instrumentation)."""
+    counter = [0]
+    method = getattr(obj, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return method(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    return counter
+
+
+def _count_commits() -> list[int]:
+    from eplb_fsm._adapters.staged import StagedLayers
+
+    counter = [0]
+    commit = StagedLayers.commit
+
+    def counted(self: StagedLayers, layers: Any = None) -> None:
+        counter[0] += 1
+        commit(self, layers)
+
+    StagedLayers.commit = counted  # type: ignore[method-assign]
+    return counter
 
 
 def _count_launches(rt: EplbRuntime) -> list[int]:
@@ -54,40 +97,45 @@ def _forward(ms: float) -> None:
 
 
 def _rank(rank: int, world: int, steps: int, forward_ms: float,
-          record_every: int | None) -> dict[str, list[float]]:
+          record_every: int | None, slot_kb: int) -> dict[str, list[float]]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(rank)
     loads = torch.from_numpy(rng.integers(0, 50, size=(16, L, E + REDUNDANT)))
+    commits = _count_commits()
 
-    async def measure(cfg: EplbConfig, steps: int) -> tuple[list[float], list[bool], list[bool]]:
+    async def measure(cfg: EplbConfig, steps: int) -> tuple[list[float], list[bool], list[str]]:
         rt = EplbRuntime(cfg)
-        model = TaggedMoEModel(rank, world, L, E, REDUNDANT)
+        model = HeavyModel(rank, world, slot_kb)
         rt.add_model(model, "main")
         launches = _count_launches(rt)
+        stages = _count_calls(rt._mover, "stage")
         driver = rt._drivers["main"]
-        times, busy, launched = [], [], []
+        times, busy, kinds = [], [], []
         for i in range(steps):
             model.expert_load_view += loads[i % len(loads)]
             dist.barrier()
             _forward(forward_ms)
-            before, was_busy = launches[0], driver.busy
+            before, was_busy = (launches[0], stages[0], commits[0]), driver.busy
             start = time.perf_counter()
             await rt.step()
             times.append((time.perf_counter() - start) * 1e6)
             busy.append(was_busy or driver.busy)
-            launched.append(launches[0] != before)
+            kinds.append("commit" if commits[0] != before[2] else
+                         "stage" if stages[0] != before[1] else
+                         "round" if launches[0] != before[0] else "other")
         rt.close()
-        return times, busy, launched
+        return times, busy, kinds
 
     idle_cfg = EplbConfig(window_size=100, step_interval=10**9,
                           num_redundant_experts=REDUNDANT, load_record_interval=record_every)
     idle, _, _ = asyncio.run(measure(idle_cfg, steps))
     flight_cfg = EplbConfig(window_size=100, step_interval=200, readiness_lag=4,
                             num_redundant_experts=REDUNDANT, load_record_interval=record_every)
-    times, busy, launched = asyncio.run(measure(flight_cfg, steps))
+    times, busy, kinds = asyncio.run(measure(flight_cfg, steps))
     in_flight = [t for t, b in zip(times, busy, strict=True) if b]
-    flight_launch = [t for t, b, x in zip(times, busy, launched, strict=True) if b and x]
-    flight_other = [t for t, b, x in zip(times, busy, launched, strict=True) if b and not x]
+
+    def of(kind: str) -> list[float]:
+        return [t for t, b, k in zip(times, busy, kinds, strict=True) if b and k == kind]
 
     async def noop() -> None:
         return None
@@ -115,8 +163,9 @@ def _rank(rank: int, world: int, steps: int, forward_ms: float,
         dist.all_reduce(flag, group=cpu_group)  # blocking, every step in flight
         baseline.append((time.perf_counter() - start) * 1e6)
     return {"empty coroutine": empty, "idle": idle, "in_flight": in_flight,
-            "in_flight_launching": flight_launch,
-            "in_flight_other": flight_other, "baseline": baseline}
+            "in_flight_stage_only": of("stage"), "in_flight_commit_and_stage": of("commit"),
+            "in_flight_round": of("round"), "in_flight_other": of("other"),
+            "baseline": baseline}
 
 
 def main() -> None:
@@ -127,34 +176,39 @@ def main() -> None:
                         help="EplbConfig.load_record_interval (default: 1 on CPU)")
     parser.add_argument("--forward-ms", type=float, default=0.0,
                         help="busy compute standing in for the forward pass")
+    parser.add_argument("--slot-kb", type=int, default=1024,
+                        help="KiB of extra weights per slot and layer (0: tagged weights only)")
     args = parser.parse_args()
     rows = []
     for world in args.ranks:
         results = run_ranks(_rank, world, args.steps, args.forward_ms, args.record_every,
-                            timeout=900)
+                            args.slot_kb, timeout=900)
         merged: dict[str, list[float]] = {}
         for result in results:
             for key, values in result.items():
                 merged.setdefault(key, []).extend(values)
         rows.append((world, merged))
     print(f"machine: {cpu_line()} at the end; torch {torch.__version__}, gloo on CPU; "
-          f"model {L} layers x {E} experts + {REDUNDANT} redundant; {args.steps} steps per "
+          f"model {L} layers x {E} experts + {REDUNDANT} redundant, "
+          f"{args.slot_kb} KiB more per slot; {args.steps} steps per "
           f"loop per rank, {args.forward_ms:g} ms forward, load_record_interval "
           f"{args.record_every or 1}; microseconds per step over all ranks")
     head = (f"{'ranks':>5} {'loop':>28} {'steps':>6} {'p50 us':>8} {'p99 us':>9} "
-            f"{'p50 vs baseline':>15}")
+            f"{'p50 vs baseline':>15} {'p50 vs idle':>11}")
     print(head)
     print("-" * len(head))
     for world, merged in rows:
         base = float(np.median(merged["baseline"]))
-        for key in ("empty coroutine", "idle", "in_flight", "in_flight_launching",
-                    "in_flight_other", "baseline"):
+        idle = float(np.median(merged["idle"]))
+        for key in ("empty coroutine", "idle", "in_flight", "in_flight_stage_only",
+                    "in_flight_commit_and_stage", "in_flight_round", "in_flight_other",
+                    "baseline"):
             values = np.asarray(merged[key])
             if values.size == 0:
                 continue
             p50, p99 = np.percentile(values, [50, 99])
             print(f"{world:>5} {key:>28} {values.size:>6} {p50:>8.1f} {p99:>9.1f} "
-                  f"{p50 / base:>14.2f}x")
+                  f"{p50 / base:>14.2f}x {p50 / idle:>10.2f}x")
 
 
 if __name__ == "__main__":

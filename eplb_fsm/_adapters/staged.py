@@ -148,6 +148,9 @@ class Waiter:
                 self._idle += 1
 
 
+_launch_lock = threading.Lock()  # guards InFlight's launch flag against a late Event
+
+
 class InFlight:
     """A transfer handed to the engine's launch worker, then its launched work and
     what must stay alive until that work is done.
@@ -172,12 +175,16 @@ class InFlight:
         self.event: torch.cuda.Event | None = None
         self.buffers: list[torch.Tensor] = []
         self.staging: torch.Tensor | None = None  # set by the worker
+        self.launch: Any = None  # the `prepared.Launch`, set at hand-off or by the worker
         # Preset when the launch itself knows the result is unusable (weights
         # reallocated since sharing): reported by `ready()` once the work is done.
         self.error: BaseException | None = error
         self.launch_error: BaseException | None = None
         self._waiter = waiter
-        self._launch_done = threading.Event()
+        # A flag the serving thread polls; an Event only if someone blocks on it
+        # (creating one per stage cost the serving thread tens of us).
+        self._launch_flag = False
+        self._launch_event: threading.Event | None = None
         self._finished: threading.Event | None = None
 
     # -- the worker's side ------------------------------------------------------------
@@ -190,7 +197,7 @@ class InFlight:
         if self.cpu and works:
             self._finished = threading.Event()
             self._waiter.submit(self)
-        self._launch_done.set()
+        self._mark_launched()
 
     def launch_failed(self, exc: BaseException, works: list[Any]) -> None:
         """The worker raised while launching. Work it did post still runs (and
@@ -200,14 +207,30 @@ class InFlight:
         if works:
             self.launched(works, None)
         else:
-            self._launch_done.set()
+            self._mark_launched()
+
+    def _mark_launched(self) -> None:
+        with _launch_lock:
+            self._launch_flag = True
+            event = self._launch_event
+        if event is not None:
+            event.set()
+
+    def _wait_launched(self) -> None:
+        with _launch_lock:
+            if self._launch_flag:
+                return
+            if self._launch_event is None:
+                self._launch_event = threading.Event()
+            event = self._launch_event
+        event.wait()
 
     # -- the serving thread's side -------------------------------------------------------
 
     @property
     def launching(self) -> bool:
         """Not yet launched by the worker."""
-        return not self._launch_done.is_set()
+        return not self._launch_flag
 
     def wait_all(self) -> None:
         assert self._finished is not None
@@ -224,7 +247,7 @@ class InFlight:
 
     def done(self) -> bool:
         """Launched, and every launched operation complete."""
-        if not self._launch_done.is_set():
+        if not self._launch_flag:
             return False
         if self._finished is not None:
             return self._finished.is_set()
@@ -233,7 +256,7 @@ class InFlight:
         return self.event is None or bool(self.event.query())
 
     def block(self) -> None:
-        self._launch_done.wait()
+        self._wait_launched()
         if self._finished is not None:
             self._finished.wait()
         elif self.event is not None:
@@ -249,9 +272,7 @@ class StagedLayers:
     """
 
     def __init__(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                 inflight: InFlight, staging_bytes: int,
-                 offsets: Mapping[tuple[int, int], int],
-                 temp: int, bytes_received: int, keep_until_done: Callable[[InFlight], None],
+                 inflight: InFlight, keep_until_done: Callable[[InFlight], None],
                  pulls: bool = False,
                  note_commit: Callable[[torch.cuda.Event], None] | None = None,
                  own: Sequence[Sequence[SlotBytes]] | None = None,
@@ -260,11 +281,15 @@ class StagedLayers:
         self._weights = expert_weights
         self._device = device
         self._inflight: InFlight | None = inflight
-        self._staging_bytes = staging_bytes  # the worker allocates the buffer itself
         self._give_back = give_back  # returns a CPU buffer no transfer uses to the pool
-        self._offsets = offsets  # (layer, expert) -> byte offset of its staged row
-        self._temp = temp  # byte offset of the row commit saves a cycle's slot in, or -1
-        self._bytes_received = bytes_received
+        # From the byte layout, which the worker makes when stage() had none ready:
+        # (layer, expert) -> byte offset of its staged row; the byte offset of the
+        # row commit saves a cycle's slot in, or -1; bytes received; staging bytes.
+        self._offsets: Mapping[tuple[int, int], int] = {}
+        self._temp = -1
+        self._bytes_received = 0
+        self._staging_bytes = 0
+        self._have_layout = False
         self._keep_until_done = keep_until_done
         self._pulls = pulls
         self._note_commit = note_commit
@@ -281,8 +306,21 @@ class StagedLayers:
 
     @property
     def bytes_received(self) -> int:
-        """Bytes this rank receives from peers for these layers (local copies excluded)."""
+        """Bytes this rank receives from peers for these layers (local copies excluded);
+        0 until the worker has laid the transfer out."""
+        self._take_layout()
         return self._bytes_received
+
+    def _take_layout(self) -> None:
+        """Copy what the handle needs of the byte layout, once the launch has it."""
+        if self._have_layout or self._inflight is None:
+            return
+        launch = self._inflight.launch
+        if launch is not None:
+            layout = launch.layout
+            self._offsets, self._temp = layout.staging, layout.temp
+            self._bytes_received, self._staging_bytes = launch.received, layout.staging_bytes
+            self._have_layout = True
 
     def ready(self) -> bool:
         """True once this rank's receives, sends and pulls are complete.
@@ -304,6 +342,7 @@ class StagedLayers:
                                f"{inflight.launch_error}") from inflight.launch_error
         if not inflight.done():
             return False
+        self._take_layout()
         if inflight.error is not None:
             raise RuntimeError(f"the transfer of layers {self.layers} failed on rank "
                                f"{self._sched.rank}: {inflight.error}") from inflight.error
@@ -398,6 +437,7 @@ class StagedLayers:
     def staging_bytes(self) -> int:
         """Bytes of staging memory this handle holds (received or pulled rows, and the
         temp row of a cycle of local moves)."""
+        self._take_layout()
         return 0 if self._inflight is None else self._staging_bytes
 
     async def wait(self, poll_interval: float = 0.0005) -> None:
@@ -437,6 +477,7 @@ class StagedLayers:
     def _drop(self, reuse: bool = False) -> None:
         """Let go of the buffers; `reuse`: no transfer or queued copy uses the staging
         buffer any more, so it may serve the next transfer (CPU)."""
+        self._take_layout()
         inflight, self._inflight = self._inflight, None
         self._offsets = {}
         if reuse and inflight is not None and self._give_back is not None:

@@ -273,6 +273,7 @@ class TransferEngine:
             # (its maps matched those weights' shape).
             assert launch is not None
             device, problem = shared.device, ""
+            nbytes = launch.nbytes
         else:
             device = self.check_weights(expert_weights, np.shape(old_physical_to_logical),
                                         prepared.layers)
@@ -281,9 +282,10 @@ class TransferEngine:
                       for layer in prepared.layers}
             self._nbytes.update(nbytes)
             if launch is None or launch.shared is not shared or launch.nbytes != nbytes:
-                launch = make_launch(prepared.schedule, nbytes, shared, self._pieces)
+                launch = None  # laid out by the worker: O(slots)
         self._prune()
-        return self._hand_off(prepared.schedule, expert_weights, device, launch, problem, tag)
+        return self._hand_off(prepared.schedule, expert_weights, device, launch, shared, nbytes,
+                              problem, tag)
 
     def close(self) -> None:
         """End the launch worker once the transfers already staged are launched, and
@@ -575,13 +577,16 @@ class TransferEngine:
         return chosen
 
     def _hand_off(self, sched: RankSchedule, expert_weights: Weights, device: torch.device,
-                  launch: Launch, problem: str, tag: int) -> StagedLayers:
+                  launch: Launch | None, shared: SharedWeights | None,
+                  nbytes: Mapping[int, tuple[int, ...]], problem: str,
+                  tag: int) -> StagedLayers:
         """The serving thread's share of a launch: O(1) in bytes and slots. A fence on
-        the current stream (GPU, when live slots are packed), the handle, and the
-        launch queued on the worker (or run here, ``launch="inline"``)."""
+        the current stream (GPU, when live slots may be packed), the handle, and the
+        launch queued on the worker (or run here, ``launch="inline"``). `launch` is
+        None when prepare() could not lay it out: the worker does."""
         cuda = device.type == "cuda"
         fence = None
-        if cuda and launch.network:
+        if cuda and (launch is None or launch.network):
             # Packing reads live slots that work queued on the current stream (a
             # commit) may still be writing: the side stream waits for the stream as
             # it is now. Pulls need no such wait: they write a fresh buffer and read
@@ -596,17 +601,14 @@ class TransferEngine:
                 "share_weights() (reallocated?), so peers pulled stale weights from it; "
                 "call share_weights() on every rank again")
         inflight = InFlight(self._waiter, cpu=not cuda, error=error)
-        layout = launch.layout
-        shared = launch.shared
-        handle = StagedLayers(sched, expert_weights, device, inflight, layout.staging_bytes,
-                              layout.staging, layout.temp, launch.received,
-                              self._keep_until_done,
+        inflight.launch = launch
+        handle = StagedLayers(sched, expert_weights, device, inflight, self._keep_until_done,
                               pulls=shared is not None and bool(shared.channels.pulls),
                               note_commit=self._commits.append,
                               own=shared.own_slots if shared is not None else None,
                               give_back=None if cuda else self._pool.give)
-        job = functools.partial(self._launch, inflight, expert_weights, device, launch, tag,
-                                fence)
+        job = functools.partial(self._launch, inflight, sched, expert_weights, device, nbytes,
+                                shared, tag, fence)
         if self._launcher is not None and self._uses_worker(device):
             self._launcher.submit(job)
         else:
@@ -617,16 +619,21 @@ class TransferEngine:
                 raise inflight.launch_error
         return handle
 
-    def _launch(self, inflight: InFlight, expert_weights: Weights, device: torch.device,
-                launch: Launch, tag: int, fence: torch.cuda.Event | None,
+    def _launch(self, inflight: InFlight, sched: RankSchedule, expert_weights: Weights,
+                device: torch.device, nbytes: Mapping[int, tuple[int, ...]],
+                shared: SharedWeights | None, tag: int, fence: torch.cuda.Event | None,
                 inline: bool = False) -> None:
-        """Allocate, pack, post, queue the pulls: on the worker (or inline). Reports to
-        `inflight`, never raises: a failure is the handle's error."""
-        layout = launch.layout
+        """Lay out (if prepare() could not), allocate, pack, post, queue the pulls: on
+        the worker (or inline). Reports to `inflight`, never raises: a failure is the
+        handle's error."""
         cuda = device.type == "cuda"
         works: list[Any] = []
         restore, caller_device = None, None
         try:
+            launch: Launch = inflight.launch
+            if launch is None:
+                launch = inflight.launch = make_launch(sched, nbytes, shared, self._pieces)
+            layout = launch.layout
             with torch.no_grad():
                 if cuda:
                     stream, _ = self._side(device)

@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from .._adapters.launch import RankFailed, run_ranks
+from .._core.cost_model import CostModel
 from .._core.planning import available_policies
+from .._sim.options import PRESETS
 from .._sim.report import REPORT_FILES, build_report, format_summary, write_report
 from .._sim.simulate import SimulateOptions, run_rank
 from .args import HelpFormatter, check_output_dir, positive_int
@@ -54,6 +56,19 @@ def _nonneg_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
+
+
+class _Preset(argparse.Action):
+    """Set the preset's flags when ``--preset`` is parsed (later flags win)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        for field, value in PRESETS[values].items():
+            if field == "exact":
+                namespace.fast = not value
+            else:
+                setattr(namespace, field, value)
 
 
 def _scale_point(text: str) -> tuple[int, tuple[int, ...]]:
@@ -115,6 +130,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "model on R ranks and report balancedness, rebalances, step() overhead and output "
         "invariance. Spawns gloo CPU processes, or runs under torchrun.",
         formatter_class=HelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), action=_Preset,
+                   help="a named model shape: 'realistic' = --layers 4 --hidden 512 "
+                   "--intermediate 1024 --fast (6 MB per slot, so a transfer's cost in "
+                   "bytes shows in step()); flags after it override it")
     p.add_argument("--mode", choices=("async", "sync", "off"), default=d.mode,
                    help="async: the runtime; sync: rearrange inside the triggering step; "
                    "off: no balancing")
@@ -159,6 +178,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(GPU); invariance is then checked within a tolerance")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype,
                    help="expert weight dtype (compute stays float32)")
+    p.add_argument("--cost-model", type=Path, metavar="FILE",
+                   help="a slot's time in its rows, as `eplb-fsm calibrate` writes it, for the "
+                   "modelled MoE layer time and what balancing saved over --mode off (default: "
+                   "the H100 roofline of a DeepSeek-V3 expert)")
     p.add_argument("--scale-at", type=_scale_point, action="append", default=[],
                    metavar="STEP:RANKS",
                    help="after pass STEP, serve on RANKS (elastic EP; repeatable): a count N "
@@ -213,6 +236,11 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
                              f"{list(loads.shape[1:])}, but --layers={args.layers} "
                              f"--experts={args.experts}")
         trace_file = str(args.trace)
+    if args.cost_model is not None:
+        try:  # read and checked here, before any process starts
+            CostModel.load(args.cost_model)
+        except ValueError as exc:
+            raise ValueError(f"--cost-model {args.cost_model}: {exc}") from None
     opts = SimulateOptions(
         ranks=ranks, steps=args.steps, mode=args.mode, layers=args.layers,
         experts=args.experts, redundant=args.redundant, top_k=args.top_k, tokens=args.tokens,
@@ -221,7 +249,8 @@ def _options(args: argparse.Namespace, ranks: int) -> SimulateOptions:
         step_interval=args.step_interval, readiness_lag=args.readiness_lag,
         exponent=args.exponent, drift=args.drift, shift_steps=tuple(args.shift_at),
         trace_file=trace_file, seed=args.seed, check_every=args.check_every, progress=True,
-        exact=not args.fast, dtype=args.dtype, scale_at=tuple(args.scale_at))
+        exact=not args.fast, dtype=args.dtype, scale_at=tuple(args.scale_at),
+        cost_model=None if args.cost_model is None else str(args.cost_model))
     opts.eplb_config()  # the runtime's own checks, before any process starts
     opts.moe_config()
     if args.report is not None:

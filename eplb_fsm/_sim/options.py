@@ -11,11 +11,22 @@ from .._reference.moe import MoEConfig
 from .._reference.traces import LoadTrace, RecordedTrace, SyntheticTrace
 from .._runtime.config import EplbConfig
 
-__all__ = ["Mode", "ScalePoint", "SimulateOptions", "options_dict"]
+__all__ = ["PRESETS", "Mode", "ScalePoint", "SimulateOptions", "options_dict"]
 
 Mode = Literal["async", "sync", "off"]
 # (step, global ranks that serve from the next pass on): one elastic scale event.
 ScalePoint = tuple[int, tuple[int, ...]]
+
+
+#: Named model shapes (`SimulateOptions` fields). The default model moves 24 KB
+#: per slot, which hides what a transfer's bytes cost the serving thread;
+#: "realistic" moves 6 MB per slot (hidden 512, intermediate 1024, float32:
+#: ~160 MB per layer and rebalance on 2 ranks), where packing, sending or
+#: committing on the serving thread would show in step() against a forward pass.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "realistic": {"layers": 4, "hidden": 512, "intermediate": 1024, "exact": False},
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class SimulateOptions:
     progress: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     scale_at: tuple[ScalePoint, ...] = ()
+    cost_model: str | None = None  # a file `eplb-fsm calibrate` wrote; None: the H100 roofline
 
     @property
     def physical(self) -> int:

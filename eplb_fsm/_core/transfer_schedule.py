@@ -21,9 +21,10 @@ part both ends of every message must agree on byte for byte. Rules:
    operations match in order (no deadlock). Each launch has a fixed cost
    (NCCL's ramp-up), so pieces pay off only for large stages: `auto_pieces`
    picks 2 when the mean bytes a rank sends exceed `PIECES_THRESHOLD`, a
-   figure every rank computes alike from the global plan. Measured on 2 and 4
-   H200s (docs/benchmarks.md): 2 pieces lost 8 points of bandwidth at 308 MB
-   per rank and gained 2-7 points from 660 MB up.
+   figure every rank computes alike from the global plan. On 4 H200s
+   (docs/benchmarks.md, transfer_bench) 2 pieces reach 89.4% of the bound at
+   660 MB per rank against 76.0% for 1; below the threshold a second launch
+   costs more than the overlap gains.
 4. **Local moves are not staged.** A rank's own moves (an expert it
    already holds, into another slot) need no network and no staging row:
    the commit copies them slot to slot, in the order `_core.commit_order`

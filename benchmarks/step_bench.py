@@ -49,20 +49,26 @@ class HeavyModel(TaggedMoEModel):
 L, E, REDUNDANT = 8, 64, 16
 
 
-def _count_calls(obj: Any, name: str) -> list[int]:
-    """Count calls of `obj.name` (the bench's own instrumentation)."""
+def _count_calls(obj: Any, name: str, took: list[float] | None = None) -> list[int]:
+    """Count calls of `obj.name` (the bench's own instrumentation); `took` gets
+    each call's microseconds."""
     counter = [0]
     method = getattr(obj, name)
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         counter[0] += 1
-        return method(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            if took is not None:
+                took.append((time.perf_counter() - start) * 1e6)
 
     setattr(obj, name, counted)
     return counter
 
 
-def _count_commits() -> list[int]:
+def _count_commits(took: list[float]) -> list[int]:
     from eplb_fsm._adapters.staged import StagedLayers
 
     counter = [0]
@@ -70,7 +76,9 @@ def _count_commits() -> list[int]:
 
     def counted(self: StagedLayers, layers: Any = None) -> None:
         counter[0] += 1
+        start = time.perf_counter()
         commit(self, layers)
+        took.append((time.perf_counter() - start) * 1e6)
 
     StagedLayers.commit = counted  # type: ignore[method-assign]
     return counter
@@ -101,14 +109,15 @@ def _rank(rank: int, world: int, steps: int, forward_ms: float,
     torch.set_num_threads(1)
     rng = np.random.default_rng(rank)
     loads = torch.from_numpy(rng.integers(0, 50, size=(16, L, E + REDUNDANT)))
-    commits = _count_commits()
+    inside: dict[str, list[float]] = {"inside stage()": [], "inside commit()": []}
+    commits = _count_commits(inside["inside commit()"])
 
     async def measure(cfg: EplbConfig, steps: int) -> tuple[list[float], list[bool], list[str]]:
         rt = EplbRuntime(cfg)
         model = HeavyModel(rank, world, slot_kb)
         rt.add_model(model, "main")
         launches = _count_launches(rt)
-        stages = _count_calls(rt._mover, "stage")
+        stages = _count_calls(rt._mover, "stage", inside["inside stage()"])
         driver = rt._drivers["main"]
         times, busy, kinds = [], [], []
         for i in range(steps):
@@ -165,7 +174,7 @@ def _rank(rank: int, world: int, steps: int, forward_ms: float,
     return {"empty coroutine": empty, "idle": idle, "in_flight": in_flight,
             "in_flight_stage_only": of("stage"), "in_flight_commit_and_stage": of("commit"),
             "in_flight_round": of("round"), "in_flight_other": of("other"),
-            "baseline": baseline}
+            "baseline": baseline, **inside}
 
 
 def main() -> None:
@@ -202,7 +211,7 @@ def main() -> None:
         idle = float(np.median(merged["idle"]))
         for key in ("empty coroutine", "idle", "in_flight", "in_flight_stage_only",
                     "in_flight_commit_and_stage", "in_flight_round", "in_flight_other",
-                    "baseline"):
+                    "baseline", "inside stage()", "inside commit()"):
             values = np.asarray(merged[key])
             if values.size == 0:
                 continue

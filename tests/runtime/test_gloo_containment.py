@@ -25,7 +25,9 @@ from eplb_fsm import EplbConfig, EplbRuntime, RebalanceFailed
 from eplb_fsm.testing import Faults, TaggedMoEModel, inject_faults, run_ranks
 
 L, E, REDUNDANT, WORLD = 4, 12, 3, 3
-TIMEOUT_S = 3.0
+# Margins against a loaded machine: a wedged rank resumes TIMEOUT_S / 2 after its
+# peers gave up, and catches up TIMEOUT_S / 2 before their next round times out.
+TIMEOUT_S = 4.0
 INTERVAL = 40
 
 
@@ -69,7 +71,7 @@ class Scenario:
     models: tuple[str, ...] = ("main",)  # the fault strikes the last one
     forward: bool = True  # a world all_reduce every pass (it would hold peers at a wedge)
     pace_s: float = 0.003  # the forward pass's time
-    steps: int = 125
+    steps: int = 165  # rebalances start at 40 (the faulty one), 80, 120 and 160
 
 
 SCENARIOS = {
@@ -83,7 +85,7 @@ SCENARIOS = {
     # the phase outlasts the timeout, then every rank fails together; the next
     # plan must not queue behind the slow one, which is still running then.
     "slow_planner_async": Scenario(1, "plan", _sleep(1.5 * TIMEOUT_S), pace_s=0.01,
-                                   steps=400),
+                                   steps=520),
     # In one synchronous step a rank waits for its peers' phase deadline and a
     # timeout more (2 timeouts): a planner late by less is waited for, one late by
     # more is given up on.

@@ -57,6 +57,7 @@ __all__ = [
     "MoEConfig",
     "ReferenceMoE",
     "expert_weights_for",
+    "route_to_slots",
     "router_weight_for",
     "sample_tokens",
 ]
@@ -175,6 +176,21 @@ def _occurrence_index(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     occurrence = torch.empty_like(ids)
     occurrence[order] = torch.arange(ids.numel(), device=ids.device) - starts[ids[order]]
     return occurrence
+
+
+def route_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor,
+                   replica_count: torch.Tensor, rank: int, layer: int = 0) -> torch.Tensor:
+    """The physical slot of each (token, k) assignment of EP rank `rank` in one layer,
+    by the replica rule above (module doc), under the given maps ([E, max_replicas]
+    and [E]). What `ReferenceMoE` dispatches with; ``eplb-fsm simulate`` also asks
+    it where the same routing would land under another placement."""
+    ids = ids.reshape(-1)
+    replicas = replica_count.index_select(0, ids)
+    if replicas.numel() and int(replicas.min()) < 1:
+        missing = int(ids[replicas < 1][0])
+        raise RuntimeError(f"layer {layer}: logical expert {missing} has no replica")
+    replica = (_occurrence_index(ids, replica_count.shape[0]) + rank) % replicas
+    return logical_to_physical[ids, replica]
 
 
 def _forced_ids(expert_ids: ExpertIds, layer: int, num_tokens: int, config: MoEConfig,
@@ -520,13 +536,8 @@ class ReferenceMoE(nn.Module):
                                                              torch.Tensor]:
         """Pick a replica per assignment, count the load; returns slots, owner ranks and
         the number of rows for each rank."""
-        replicas = self.logical_replica_count[layer].index_select(0, ids.reshape(-1))
-        ids = ids.reshape(-1)
-        if replicas.numel() and int(replicas.min()) < 1:
-            missing = int(ids[replicas < 1][0])
-            raise RuntimeError(f"layer {layer}: logical expert {missing} has no replica")
-        replica = (_occurrence_index(ids, self.num_logical_experts) + self.rank) % replicas
-        slots = self.logical_to_physical_map[layer][ids, replica]
+        slots = route_to_slots(ids, self.logical_to_physical_map[layer],
+                               self.logical_replica_count[layer], self.rank, layer)
         self.expert_load_view[layer].add_(
             torch.bincount(slots, minlength=self.num_physical_experts))
         dest = torch.div(slots, self.num_local_physical_experts, rounding_mode="floor")

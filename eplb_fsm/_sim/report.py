@@ -3,7 +3,9 @@
 ``report.json``'s keys, their types and meanings are documented as a JSON
 Schema in docs/report.schema.json (the tests validate every report they make
 against it). In short: ``options``; ``balancedness`` (``first``, ``last``,
-``min``, ``per_step``); ``invariance_held`` / ``_checks`` / ``_failed_steps``;
+``min``, ``per_step``); ``moe_time`` (the modelled MoE layer time of every pass
+under the serving placement and under the initial layout, their medians and
+``speedup``: see `moe_time`); ``invariance_held`` / ``_checks`` / ``_failed_steps``;
 ``rebalances``; ``bytes_moved``; ``step_overhead_us`` and ``forward_us``
 percentiles; ``states``; ``final_placement``, ``final_ranks``,
 ``histories_agree``, ``history``; ``rank_load``; ``scale_events`` and
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .moe_time import moe_time_report, speedup_line
 from .options import SimulateOptions, options_dict
 
 __all__ = ["REPORT_FILES", "build_report", "format_summary", "plot_figures", "write_report"]
@@ -38,6 +41,15 @@ def _merged_steps(results: list[dict[str, Any]], steps: int) -> np.ndarray:
         for step, value in r["balancedness"].items():
             per_step.setdefault(step, value)
     return np.asarray([per_step[step] for step in range(1, steps + 1)])
+
+
+def _merged_moe_us(results: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:
+    """Modelled MoE time of every pass, from any rank that served it (all-reduced loads)."""
+    per_step: dict[int, tuple[float, float]] = {}
+    for r in results:
+        for step, value in r["moe_us"].items():
+            per_step.setdefault(step, value)
+    return per_step
 
 
 def _spans(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -135,6 +147,7 @@ def build_report(opts: SimulateOptions, results: list[dict[str, Any]]) -> dict[s
             "min": float(bal.min()),
             "per_step": [float(b) for b in bal],
         },
+        "moe_time": moe_time_report(_merged_moe_us(results), opts.steps, opts.cost_model),
         "invariance_held": not any(r["failed_checks"] for r in results),
         "invariance_checks": len(check_steps),
         "invariance_failed_steps": sorted({s for r in results for s in r["failed_checks"]}),
@@ -159,6 +172,7 @@ def build_report(opts: SimulateOptions, results: list[dict[str, Any]]) -> dict[s
 def format_summary(report: dict[str, Any]) -> str:
     o = report["options"]
     b, r, s = report["balancedness"], report["rebalances"], report["step_overhead_us"]
+    t = report["moe_time"]
     lines = [
         f"eplb-fsm simulate: mode={o['mode']}, {o['ranks']} ranks, {o['steps']} steps, "
         f"{o['layers']} layers x {o['experts']} experts + {o['redundant']} redundant, "
@@ -183,6 +197,13 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"    {state:<22}{steps:>8} ({report['states']['seconds'][state]:.3f} s)")
     if o["scale_at"]:
         lines += _scale_lines(report)
+    lines += [
+        f"modelled MoE time per pass, us ({o['layers']} layers, each as slow as its slowest "
+        "rank; median over passes)",
+        f"  {'placements served':<24}{t['serving_us']['median']:>10.1f}",
+        f"  {'initial layout (= off)':<24}{t['initial_us']['median']:>10.1f}",
+        speedup_line(t),
+    ]
     return "\n".join(lines)
 
 

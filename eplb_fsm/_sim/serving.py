@@ -7,6 +7,7 @@ with its checks, records and ``await rt.step()``.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,19 +17,50 @@ import torch
 import torch.distributed as dist
 
 from .._core.balance import balancedness_per_layer, rank_load_from_physical
-from .._reference.moe import FAST_ATOL, FAST_RTOL, DenseMoE, ReferenceMoE, sample_tokens
+from .._core.placement import Placement
+from .._reference.moe import (
+    FAST_ATOL,
+    FAST_RTOL,
+    DenseMoE,
+    ReferenceMoE,
+    route_to_slots,
+    sample_tokens,
+)
 from .._reference.traces import LoadTrace
 from .._runtime.runtime import EplbRuntime
+from .moe_time import cost_model_for, pass_moe_us
 from .options import SimulateOptions
 
 __all__ = ["Records", "Serving", "runtime_stats", "serve_pass"]
 
 
-def _pass_rank_load(load_view: torch.Tensor, num_ranks: int, group: Any) -> np.ndarray:
-    """[L, R] tokens each rank's slots received this pass, from every rank of the EP group."""
-    total = load_view.detach().clone()
+def _pass_slot_load(load_view: torch.Tensor, initial: torch.Tensor,
+                    group: Any) -> tuple[np.ndarray, np.ndarray]:
+    """[L, P] tokens each slot received this pass, and would have received under the
+    initial layout, from every rank of the EP group (one all-reduce)."""
+    total = torch.stack([load_view.detach(), initial])
     dist.all_reduce(total, group=group)
-    return rank_load_from_physical(total.cpu().numpy(), num_ranks)
+    serving, baseline = total.cpu().numpy()
+    return serving, baseline
+
+
+@functools.lru_cache(maxsize=8)
+def _initial_maps(layers: int, experts: int, physical: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    maps = Placement.initial(layers, experts, physical).to_torch(device)
+    return maps.logical_to_physical, maps.replica_count
+
+
+def _initial_slot_load(model: ReferenceMoE, routing: Any, device: torch.device) -> torch.Tensor:
+    """[L, P] this rank's assignments per slot had the initial layout (what ``--mode off``
+    serves) routed this pass: the model's own replica rule, on the same routing."""
+    l2p, counts = _initial_maps(model.num_moe_layers, model.num_logical_experts,
+                                model.num_physical_experts, device)
+    return torch.stack([
+        torch.bincount(route_to_slots(torch.as_tensor(routing[layer], device=device).long(),
+                                      l2p[layer], counts[layer], model.rank, layer),
+                       minlength=model.num_physical_experts)
+        for layer in range(model.num_moe_layers)])
 
 
 def _same(out: torch.Tensor, ref: torch.Tensor, exact: bool) -> bool:
@@ -103,6 +135,8 @@ class Records:
     """What one process saw, over every span it served (merged by `report.build_report`)."""
 
     balancedness: dict[int, float] = field(default_factory=dict)
+    # step -> modelled MoE time, us: (the placement serving, the initial layout)
+    moe_us: dict[int, tuple[float, float]] = field(default_factory=dict)
     overhead_us: list[float] = field(default_factory=list)
     forward_us: list[float] = field(default_factory=list)
     phases: dict[int, str] = field(default_factory=dict)
@@ -141,9 +175,15 @@ async def serve_pass(opts: SimulateOptions, serving: Serving, rec: Records, rank
         if not _same(out, serving.dense(hidden, routing), opts.exact):
             rec.failed_checks.append(step)
         serving.committed_before, serving.check_next = committed, False
-    rank_load = _pass_rank_load(serving.model.expert_load_view, len(serving.ranks),
-                                serving.group)
+    num_ranks = len(serving.ranks)
+    slot_load, initial_load = _pass_slot_load(
+        serving.model.expert_load_view, _initial_slot_load(serving.model, routing, device),
+        serving.group)
+    rank_load = rank_load_from_physical(slot_load, num_ranks)
     rec.balancedness[step] = float(balancedness_per_layer(rank_load).mean())
+    cost = cost_model_for(opts.cost_model)
+    rec.moe_us[step] = (pass_moe_us(cost, slot_load, num_ranks),
+                        pass_moe_us(cost, initial_load, num_ranks))
     window = min(opts.window_size, opts.steps)
     if step <= window and serving.since == 0:  # the first window, under the initial rank set
         rec.first_load = rank_load if rec.first_load is None else rec.first_load + rank_load

@@ -75,6 +75,7 @@ async def _serve(opts: SimulateOptions, rank: int, world: int) -> dict[str, Any]
     return {
         "rank": rank,
         "balancedness": rec.balancedness,
+        "moe_us": rec.moe_us,
         "step_overhead_us": rec.overhead_us,
         "forward_us": rec.forward_us,
         "phases": rec.phases,

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from _report_schema import SCHEMA_PATH, check_report, errors
 
 from eplb_fsm._cli.cli import main
+from eplb_fsm._core.cost_model import CostModel
+from eplb_fsm._sim.report import format_summary
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # 190 steps: rebalances start at 50, 100 and 150, and the last one has time to
 # finish in async mode too, so both modes end on the same plan.
@@ -52,6 +57,54 @@ def test_async_and_sync_reach_the_same_placement(reports: dict[str, dict]) -> No
     assert reports["sync"]["rebalances"]["done"] == reports["async"]["rebalances"]["done"]
 
 
+def test_summary_says_what_balancing_bought_in_modelled_time(
+        reports: dict[str, dict]) -> None:
+    for mode, report in reports.items():
+        t = report["moe_time"]
+        serving, initial = t["serving_us"], t["initial_us"]
+        assert len(serving["per_step"]) == len(initial["per_step"]) == 190, mode
+        assert serving["median"] == pytest.approx(np.median(serving["per_step"])), mode
+        assert initial["median"] == pytest.approx(np.median(initial["per_step"])), mode
+        assert t["speedup"] == pytest.approx(initial["median"] / serving["median"]), mode
+        assert t["cost_model"]["file"] is None and t["cost_model"]["source"] == "roofline"
+        summary = format_summary(report).splitlines()
+        assert summary[-1] == (f"balancing made the MoE layers {t['speedup']:.2f}x faster "
+                               f"(modelled: {t['model']}, median over passes)"), mode
+        assert f"{serving['median']:.1f}" in "\n".join(summary)
+    off = reports["off"]["moe_time"]
+    assert off["serving_us"]["per_step"] == off["initial_us"]["per_step"]
+    assert off["speedup"] == 1.0
+    assert "balancing made the MoE layers 1.00x faster" in format_summary(reports["off"])
+    for mode in ("async", "sync"):  # the same trace: each pass's initial-layout time is off's
+        t = reports[mode]["moe_time"]
+        assert t["initial_us"]["per_step"] == off["initial_us"]["per_step"], mode
+        served, initial = (np.asarray(t[k]["per_step"]) for k in ("serving_us", "initial_us"))
+        # Until the first rebalance lands the initial layout serves, so the counterfactual
+        # (the model's replica rule applied to the initial maps) must equal what was served.
+        np.testing.assert_array_equal(served[:50], initial[:50])
+        assert np.any(served[60:] != initial[60:]), mode
+
+
+def test_cost_model_file_is_what_the_time_is_modelled_with(tmp_path: Path) -> None:
+    # Every slot with rows costs 1 ms whatever its rows: a pass's time is then 1 ms per
+    # non-empty slot of each layer's busiest rank (5 slots per rank, 4 layers).
+    path = tmp_path / "card.json"
+    CostModel.from_measurements([1, 4096], [1e-3, 1e-3], device="test card",
+                                expert={"hidden": 32, "intermediate": 64,
+                                        "dtype_bytes": 4}).save(path)
+    out = tmp_path / "out"
+    assert main(["simulate", *SMALL, "--steps", "20", "--shift-at", "--mode", "off",
+                 "--cost-model", str(path), "--report", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    check_report(report)
+    t = report["moe_time"]
+    assert t["cost_model"]["file"] == str(path) and t["cost_model"]["device"] == "test card"
+    assert t["model"] == "calibrated, test card, 32x64 fp32 experts"
+    per_step = np.asarray(t["serving_us"]["per_step"])
+    np.testing.assert_allclose(per_step, np.round(per_step / 1000) * 1000)
+    assert per_step.min() >= 4 * 1000 and per_step.max() <= 4 * 5 * 1000
+
+
 def test_reports_follow_the_documented_schema(reports: dict[str, dict]) -> None:
     """docs/report.schema.json describes every key, and a broken report fails it."""
     schema = json.loads(SCHEMA_PATH.read_text())
@@ -82,6 +135,11 @@ def test_plots_are_written(reports: dict[str, dict], tmp_path: Path) -> None:
     (["--policy", "nope"], "--policy 'nope' is unknown"),
     (["--redundant", "-4"], "--redundant must be >= 0"),
     (["--trace", "missing.npy"], "does not exist"),
+    (["--cost-model", "missing.json"], "--cost-model missing.json: cost model file"),
+    (["--cost-model", str(ROOT / "pyproject.toml")], "pyproject.toml: cost model is not valid "
+     "JSON"),
+    (["--cost-model", str(ROOT / "examples" / "load_8x64.json")],
+     "load_8x64.json: cost model format must be 'eplb-fsm cost model'"),
 ])
 def test_bad_flags_fail_before_any_process_starts(
     flags: list[str], match: str, capsys: pytest.CaptureFixture

@@ -111,33 +111,35 @@ class TransferMeter:
         self.records: list[TransferRecord] = []
         self._run = run
         self._cuda = device.type == "cuda"
-        self._current: TransferRecord | None = None
+        # The engine may launch on its worker thread after stage() returned: each
+        # batch is matched to its transfer by the tag every op carries.
+        self._by_tag: dict[int, TransferRecord] = {}
+        self._original = dist.batch_isend_irecv
+        dist.batch_isend_irecv = self._batch(self._original)  # type: ignore[assignment]
         mover = runtime._mover
         stage = mover.stage
 
         def timed_stage(*args: Any, **kwargs: Any) -> Any:
             record = TransferRecord(run, runtime.step_count, launched_at=time.perf_counter())
-            self._current = record
-            original = dist.batch_isend_irecv
-            dist.batch_isend_irecv = self._batch(original)  # type: ignore[assignment]
-            try:
-                handle = stage(*args, **kwargs)
-            finally:
-                dist.batch_isend_irecv = original
-                self._current = None
+            self._by_tag[int(kwargs.get("tag", 0))] = record
+            handle = stage(*args, **kwargs)
             record.stage_host_us = (time.perf_counter() - record.launched_at) * 1e6
             record.layers = tuple(handle.layers)
-            record.bytes_received = int(handle.bytes_received)
             record.handle = handle
             self.records.append(record)
             return handle
 
         setattr(mover, "stage", timed_stage)  # this instance only  # noqa: B010
 
+    def close(self) -> None:
+        """Put torch's batch_isend_irecv back."""
+        dist.batch_isend_irecv = self._original  # type: ignore[assignment]
+
     def _batch(self, original: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
         def batch(ops: list[Any]) -> Any:
-            record = self._current
-            assert record is not None
+            record = self._by_tag.get(int(ops[0].tag)) if ops else None
+            if record is None:  # not a transfer of this run (a warm-up ring, say)
+                return original(ops)
             for op in ops:
                 nbytes = op.tensor.numel() * op.tensor.element_size()
                 side = record.recv_bytes if op.op is dist.irecv else record.send_bytes
@@ -164,6 +166,8 @@ class TransferMeter:
                 try:
                     if record.handle.ready():
                         record.seen_ready_at = now
+                        # Known once launched (the worker lays the transfer out).
+                        record.bytes_received = int(record.handle.bytes_received)
                 except RuntimeError:  # released (a failed rebalance): never ready
                     record.handle = None
 
@@ -178,6 +182,12 @@ class TransferMeter:
                         "send_bytes": r.send_bytes, "stage_host_us": r.stage_host_us,
                         "batch_ms": gpu_ms, "seen_ready_ms": seen})
         return out
+
+
+def _closed(meter: TransferMeter) -> TransferMeter:
+    meter.poll()  # transfers that became ready on the last pass
+    meter.close()
+    return meter
 
 
 def _plain_bound_ms(transfers: list[dict[str, Any]], device: torch.device) -> list[float | None]:
@@ -371,7 +381,7 @@ async def _serve(opts: SimulateOptions, name: str, rank: int, world: int,
     return {"step_overhead_us": overhead_us, "forward_us": forward_us, "phases": phases,
             "balancedness": balancedness, "stats": stats,
             "history": [tuple(r) for r in runtime.history()],
-            "transfers": meter.results(), "probe": idle.rows if idle is not None else None,
+            "transfers": _closed(meter).results(), "probe": idle.rows if idle is not None else None,
             "threads": sorted(t.name for t in threading.enumerate())}
 
 

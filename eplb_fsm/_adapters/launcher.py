@@ -101,9 +101,11 @@ class BufferPool:
         self._lock = threading.Lock()
         self._keep = keep
         self.reused = 0  # takes served from the pool (tests read it)
+        self.largest = 0  # bytes of the largest buffer a transfer took
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
+            self.largest = max(self.largest, nbytes)
             fits = [b for b in self._free if b.numel() >= nbytes]
             if fits:
                 best = min(fits, key=lambda b: b.numel())
@@ -126,6 +128,15 @@ class BufferPool:
             if len(self._free) > self._keep:  # drop the smallest: the largest serve all
                 smallest = min(self._free, key=lambda b: b.numel())
                 self._free = [b for b in self._free if b is not smallest]
+
+    @property
+    def keep(self) -> int:
+        return self._keep
+
+    def idle(self) -> list[torch.Tensor]:
+        """The idle buffers (a memory census can tell them from leaks)."""
+        with self._lock:
+            return list(self._free)
 
     def clear(self) -> None:
         with self._lock:

@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from eplb_fsm import EplbConfig, EplbRuntime, LifecycleEvent
+from eplb_fsm._adapters.launcher import BufferPool
 from eplb_fsm.reference import SyntheticTrace
 from eplb_fsm.testing import TaggedMoEModel, run_ranks
 
@@ -176,8 +177,11 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _census() -> dict[str, Any]:
-    """Live torch storage (count, bytes; deduplicated) and the watched object counts."""
+def _census(pooled: frozenset[int] | set[int] = frozenset()) -> dict[str, Any]:
+    """Live torch storage (count, bytes; deduplicated) and the watched object counts.
+    Storage in `pooled` (data pointers of the transfer engine's idle reusable
+    buffers) is counted apart: the pool keeps a few buffers as large as the
+    largest transfer it served, by design, and their sizes follow the plans."""
     gc.collect()
     storages: dict[int, int] = {}
     kinds: Counter[str] = Counter()
@@ -188,7 +192,10 @@ def _census() -> dict[str, Any]:
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
-    return {"tensors": len(storages), "tensor_bytes": sum(storages.values()),
+    pool = {ptr: n for ptr, n in storages.items() if ptr in pooled}
+    rest = {ptr: n for ptr, n in storages.items() if ptr not in pooled}
+    return {"tensors": len(rest), "tensor_bytes": sum(rest.values()),
+            "pool_buffers": len(pool), "pool_bytes": sum(pool.values()),
             "objects": dict(kinds), "threads": threading.active_count()}
 
 
@@ -269,8 +276,10 @@ def _soak(rank: int, world: int, steps: int, checkpoint_steps: tuple[int, ...]
                 if not checkpoints:
                     tracemalloc.start()
                 stats = rt.stats()["models"]
+                pool = rt._mover.pool  # the TransferEngine's BufferPool
                 checkpoints.append({
-                    "step": step, "rss": _rss_bytes(), **_census(),
+                    "step": step, "rss": _rss_bytes(),
+                    **_census({b.untyped_storage().data_ptr() for b in pool.idle()}),
                     "package": _package_memory(),
                     "tracemalloc_overhead": tracemalloc.get_tracemalloc_memory(),
                     "history": sum(len(rt.history(name)) for name in models),
@@ -293,6 +302,7 @@ def _soak(rank: int, world: int, steps: int, checkpoint_steps: tuple[int, ...]
 
         # Final verification on this rank, and across ranks.
         out: dict[str, Any] = {"checkpoints": checkpoints, "elapsed": elapsed,
+                               "largest_buffer": rt._mover.pool.largest,
                                "worst_step_s": worst_step_s, "models": {}}
         for name, model in models.items():
             p = rt.placement(name)
@@ -351,9 +361,14 @@ def _verify(results: list[dict[str, Any]], steps: int,
         where = f"rank {rank}"
         span = cps[-1]["step"] - cps[1]["step"]
         assert cps[-1]["done"] - cps[1]["done"] >= span // INTERVAL, (where, cps)
-        # No staging buffer (or anything else torch) outlives its rebalance.
+        # No staging buffer (or anything else torch) outlives its rebalance, but for
+        # the engine's pool of idle buffers, bounded: at most `keep` of them, each
+        # no larger than the largest transfer's staging or send buffer.
         assert {(c["tensors"], c["tensor_bytes"]) for c in cps[1:]} == \
             {(cps[1]["tensors"], cps[1]["tensor_bytes"])}, (where, cps)
+        assert all(c["pool_buffers"] <= BufferPool().keep for c in cps), (where, cps)
+        assert all(c["pool_bytes"] <= BufferPool().keep * r["largest_buffer"] for c in cps), \
+            (where, cps, r["largest_buffer"])
         # Plan futures, staged transfers, rounds, threads, tasks: no accumulation.
         for kind in WATCHED:
             counts = [c["objects"].get(kind, 0) for c in cps[1:]]

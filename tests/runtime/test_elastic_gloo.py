@@ -436,3 +436,23 @@ def test_salvage_takes_copies_from_a_live_leaving_rank() -> None:
         assert state["wrong_slots"] == [] and state["maps_agree"], state
         assert state["after"]["wrong_slots"] == [] and state["phase"] == "collecting"
     assert results[0]["models"]["main"]["history"] == results[1]["models"]["main"]["history"]
+
+
+# 3 -> 3, rank 2 replaced by rank 3 and dying at its first handoff; experts 4 and 5
+# live only on rank 2.
+ONLY_ON_THE_REPLACED = [0, 1, 2, 3, 0, 1, 4, 5, 2]
+
+
+def test_a_joiner_gets_its_runtime_when_the_replaced_rank_dies() -> None:
+    results = run_ranks(_rank_main, 4, [0, 1, 2], [0, 1, 3], {"main": ONLY_ON_THE_REPLACED},
+                        (2,), timeout=120, may_die=(2,))
+    assert results[2] is None, "rank 2 was to die"
+    joiner = results[3]
+    # No ExpertsLost raised from join: the runtime came back with the loss reported.
+    assert joiner["report"].lost == {"main": {0: (4, 5), 1: (4, 5)}}, joiner["report"]
+    assert joiner["report"].unavailable_ranks == (2,)
+    for r in (results[0], results[1]):
+        assert r["lost"] == {"main": {0: (4, 5), 1: (4, 5)}}  # ExpertsLost on old ranks
+    states = [r["models"]["main"] for r in (results[0], results[1], joiner)]
+    assert all(s["history"] == states[0]["history"] for s in states)
+    assert all(s["after"]["phase"] == "collecting" for s in states)  # serving went on

@@ -66,14 +66,14 @@ class Heartbeat:
                 return
 
     def silent_ranks(self, wait: float = 1.5) -> tuple[int, ...] | None:
-        """Ranks whose heartbeat is older than 5 intervals and does not move for 3 more
-        (waiting up to `wait` s for a recent death to show). None if the store
-        cannot be read.
+        """Ranks whose heartbeat is older than 5 intervals and does not move for 2 s
+        more (waiting up to `wait` s for a recent death to show). None if the
+        store cannot be read.
 
-        Why the second look: on a loaded machine a live rank's heartbeat thread
-        can be starved for a second (seen with three ranks and a CPU hog on two
-        cores), and a stale stamp alone then blamed a healthy rank. A dead
-        rank's stamp never moves again; a starved one's moves within moments.
+        Why the second look: on a loaded machine a live rank's heartbeat (its
+        thread, or the store host serving it) can be held up for over a second
+        (seen with three ranks and a CPU hog on two cores), and a stale stamp
+        alone then blamed a healthy rank. A dead rank's stamp never moves again.
         """
         stale_after = 5 * self._interval
         deadline = time.monotonic() + wait
@@ -83,7 +83,7 @@ class Heartbeat:
                 now = time.time()
                 stale = {r: t for r, t in stamps.items() if now - t > stale_after}
                 if stale:
-                    time.sleep(3 * self._interval)
+                    time.sleep(max(10 * self._interval, 2.0))
                     again = self._stamps()
                     silent = tuple(r for r, t in stale.items() if again[r] == t)
                 else:

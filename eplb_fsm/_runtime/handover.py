@@ -89,7 +89,7 @@ def stopped_ranks(store: Any, global_ranks: list[int]) -> list[int]:
     stale = {g: t for g, t in stamps().items() if now - t > 1.0}
     if not stale:
         return []
-    time.sleep(0.6)
+    time.sleep(2.0)  # the second look (Heartbeat.silent_ranks says why)
     again = stamps()
     return [g for g, t in stale.items() if again.get(g) == t]
 

@@ -98,8 +98,7 @@ def _rank_main(
     try:
         if rank == 0:
             store = dist.TCPStore("127.0.0.1", 0, None, True, timeout)
-            with port.get_lock():
-                port.value = store.port
+            port.value = store.port
         else:
             deadline = time.monotonic() + timeout_s
             while not port.value:  # rank 0 binds the store first
@@ -198,7 +197,10 @@ def run_ranks(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     ctx = mp.get_context("spawn")
-    port = ctx.Value("i", 0)  # set by rank 0 once its store is bound
+    # Set once by rank 0 once its store is bound. Lock-free: a lock is a named
+    # semaphore, which leaks (with a warning at exit) when a rank is killed or
+    # the launching thread is abandoned; one aligned int needs none.
+    port = ctx.RawValue("i", 0)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     procs = [
         ctx.Process(target=_rank_main, daemon=True,

@@ -12,6 +12,12 @@ ranks but the max over ranks of the layer sum, mixing dimensions; we don't.
 
 Predicted load assumes a logical expert's tokens split evenly over its
 replicas, which is what replica selection in the router aims for.
+
+Sums do not depend on the order of slots within a rank, nor of ranks within
+a layer: each is taken over sorted values. Two placements that give every
+rank the same experts must score exactly the same, bit for bit, or a policy
+that keeps the old placement when it is "as good" (tolerance 0) would move
+weights for one ulp; keeping slots in place reorders them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ __all__ = [
     "balancedness_per_layer",
     "rank_load_from_logical",
     "rank_load_from_physical",
+    "slot_load_from_logical",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -46,21 +53,26 @@ def rank_load_from_physical(physical_load: npt.ArrayLike, num_ranks: int) -> Flo
     if load.ndim != 2:
         raise ValueError(f"physical_load must be 2-D [layers, slots], got shape {load.shape}")
     _check_ranks(load.shape[1], num_ranks)
-    return load.reshape(load.shape[0], num_ranks, -1).sum(axis=2)
+    return np.sort(load.reshape(load.shape[0], num_ranks, -1), axis=2).sum(axis=2)
 
 
-def rank_load_from_logical(
-    logical_load: npt.ArrayLike, placement: Placement, num_ranks: int
-) -> FloatArray:
-    """[L, E] load per logical expert -> [L, R] predicted load per rank."""
+def slot_load_from_logical(logical_load: npt.ArrayLike, placement: Placement) -> FloatArray:
+    """[L, E] load per logical expert -> [L, P] predicted load per slot (an
+    expert's load split evenly over its replicas; 0 for an empty slot)."""
     load = np.asarray(logical_load, dtype=np.float64)
     expected = (placement.num_layers, placement.num_logical)
     if load.shape != expected:
         raise ValueError(f"logical_load has shape {load.shape}, expected {expected}")
     p2l = placement.physical_to_logical
     per_replica = load / np.maximum(placement.replica_count, 1)
-    slot_load = np.where(p2l >= 0, np.take_along_axis(per_replica, np.maximum(p2l, 0), 1), 0.0)
-    return rank_load_from_physical(slot_load, num_ranks)
+    return np.where(p2l >= 0, np.take_along_axis(per_replica, np.maximum(p2l, 0), 1), 0.0)
+
+
+def rank_load_from_logical(
+    logical_load: npt.ArrayLike, placement: Placement, num_ranks: int
+) -> FloatArray:
+    """[L, E] load per logical expert -> [L, R] predicted load per rank."""
+    return rank_load_from_physical(slot_load_from_logical(logical_load, placement), num_ranks)
 
 
 def balancedness_per_layer(rank_load: npt.ArrayLike) -> FloatArray:
@@ -69,7 +81,7 @@ def balancedness_per_layer(rank_load: npt.ArrayLike) -> FloatArray:
     if load.ndim != 2:
         raise ValueError(f"rank_load must be 2-D [layers, ranks], got shape {load.shape}")
     peak = load.max(axis=1)
-    mean = load.mean(axis=1)
+    mean = np.sort(load, axis=1).mean(axis=1)
     out = np.ones(load.shape[0])
     busy = peak > 0
     out[busy] = mean[busy] / peak[busy]

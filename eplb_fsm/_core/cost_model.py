@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .balance import balancedness_per_layer
+from .balance import balancedness_per_layer, slot_load_from_logical
 from .placement import Placement
 
 __all__ = [
@@ -58,7 +58,6 @@ __all__ = [
     "CostModel",
     "layer_seconds",
     "rank_seconds_from_logical",
-    "slot_rows_from_logical",
     "time_balancedness",
 ]
 
@@ -313,22 +312,11 @@ class CostModel:
                 f"4096 rows {self.slot_seconds(4096.0) * 1e6:.1f} us per slot")
 
 
-def slot_rows_from_logical(logical_load: npt.ArrayLike, placement: Placement) -> F64:
-    """[L, E] rows per expert -> [L, P] rows per slot (split evenly over replicas)."""
-    load = np.asarray(logical_load, dtype=np.float64)
-    expected = (placement.num_layers, placement.num_logical)
-    if load.shape != expected:
-        raise ValueError(f"logical_load has shape {load.shape}, expected {expected}")
-    p2l = placement.physical_to_logical
-    per_replica = load / np.maximum(placement.replica_count, 1)
-    return np.where(p2l >= 0, np.take_along_axis(per_replica, np.maximum(p2l, 0), 1), 0.0)
-
-
 def rank_seconds_from_logical(
     model: CostModel, logical_load: npt.ArrayLike, placement: Placement, num_ranks: int
 ) -> F64:
     """[L, E] rows per expert per pass -> [L, R] modelled seconds per rank."""
-    return model.rank_seconds(slot_rows_from_logical(logical_load, placement), num_ranks)
+    return model.rank_seconds(slot_load_from_logical(logical_load, placement), num_ranks)
 
 
 def layer_seconds(rank_seconds: npt.ArrayLike) -> F64:

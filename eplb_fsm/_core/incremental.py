@@ -43,6 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.optimize import linear_sum_assignment
 
+from .balance import balancedness_per_layer, rank_load_from_physical
 from .refine import slot_weights
 
 __all__ = ["Trace", "choose_states", "incremental_search", "layer_balancedness", "replay"]
@@ -58,12 +59,10 @@ HEAVY, LIGHT = 8, 8
 
 
 def layer_balancedness(load: F64, ids: I64, num_ranks: int) -> F64:
-    """[L] mean/max of per-rank load (1.0 for an idle layer), with the same
-    arithmetic as `balance.py` (so guarantees checked here hold there)."""
+    """[L] mean/max of per-rank load (1.0 for an idle layer), computed by
+    `balance.py` itself (so guarantees checked here hold there, to the bit)."""
     sw, _ = slot_weights(load, ids)
-    rank_load = sw.reshape(ids.shape[0], num_ranks, -1).sum(axis=2)
-    peak = rank_load.max(axis=1)
-    return np.where(peak > 0, rank_load.mean(axis=1) / np.where(peak > 0, peak, 1.0), 1.0)
+    return balancedness_per_layer(rank_load_from_physical(sw, num_ranks))
 
 
 def _excess(rank_load: F64, tau: F64) -> F64:

@@ -100,6 +100,23 @@ class _Entry:
 
 
 _POLICIES: dict[str, _Entry] = {}
+_BUILT_INS_LOADED = False
+
+
+def _registry() -> dict[str, _Entry]:
+    """Every registered policy, the built-ins beyond ``default`` and ``global`` included.
+
+    Those ("refined", "incremental", "time") live in `policies` and
+    `time_policy`, which need scipy. They register on the first lookup rather
+    than at import, so importing eplb_fsm stays cheap (the CLI answers Ctrl-C
+    from its first moment) and every way in (the facade, the runtime, the
+    CLI, a submodule) sees the same policies.
+    """
+    global _BUILT_INS_LOADED
+    if not _BUILT_INS_LOADED:
+        _BUILT_INS_LOADED = True
+        from . import policies  # noqa: F401  (registers its policies and time_policy's)
+    return _POLICIES
 
 
 def register_policy(
@@ -147,6 +164,19 @@ def register_policy(
       (a bool or a function of it); `plan()` then requires
       ``num_logical_experts % num_groups == 0``. True, the safe answer.
     """
+    _registry()  # a built-in's name is taken even before its first lookup
+    _add(name, policy, replace, check_options, keeps_nodes, needs_old_placement, uses_groups)
+
+
+def _add(
+    name: str,
+    policy: Policy,
+    replace: bool,
+    check_options: OptionsChecker | None,
+    keeps_nodes: bool | Callable[[PlanRequest], bool],
+    needs_old_placement: bool,
+    uses_groups: bool | Callable[[PlanRequest], bool],
+) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"policy name must be a non-empty str, got {name!r}")
     if not callable(policy):
@@ -163,7 +193,7 @@ def register_policy(
 
 
 def available_policies() -> tuple[str, ...]:
-    return tuple(sorted(_POLICIES))
+    return tuple(sorted(_registry()))
 
 
 def run_policy(
@@ -175,7 +205,7 @@ def run_policy(
     options, or ``{}`` for its defaults), they are checked for that policy
     and replace the request's own.
     """
-    entry = _POLICIES[name]
+    entry = _registry()[name]
     if options is not None:
         request = dataclasses.replace(request, options=_check_options(name, entry, options))
     return np.asarray(entry.policy(request))
@@ -183,7 +213,7 @@ def run_policy(
 
 def check_policy_options(name: str, options: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """Check `options` for registered policy `name` without planning (config time)."""
-    if not isinstance(name, str) or name not in _POLICIES:
+    if not isinstance(name, str) or name not in _registry():
         raise ValueError(
             f"policy {name!r} is unknown; known policies: {', '.join(available_policies())}"
         )
@@ -192,18 +222,18 @@ def check_policy_options(name: str, options: Mapping[str, Any] | None) -> Mappin
 
 def policy_needs_old_placement(name: str) -> bool:
     """Whether policy `name` plans from an old placement (and needs one)."""
-    return _POLICIES[name].needs_old_placement
+    return _registry()[name].needs_old_placement
 
 
 def policy_keeps_nodes(name: str, request: PlanRequest) -> bool:
     """Whether policy `name`'s plan for `request` keeps node structure."""
-    keeps = _POLICIES[name].keeps_nodes
+    keeps = _registry()[name].keeps_nodes
     return bool(keeps(request) if callable(keeps) else keeps)
 
 
 def policy_uses_groups(name: str, request: PlanRequest) -> bool:
     """Whether policy `name` plans with expert groups for `request`."""
-    uses = _POLICIES[name].uses_groups
+    uses = _registry()[name].uses_groups
     return bool(uses(request) if callable(uses) else uses)
 
 
@@ -266,7 +296,7 @@ def check_plan_args(
         raise ValueError(f"num_physical_experts={p} must be divisible by num_ranks={r}")
     if r % n:
         raise ValueError(f"num_ranks={r} must be divisible by num_nodes={n}")
-    if not isinstance(policy, str) or policy not in _POLICIES:
+    if not isinstance(policy, str) or policy not in _registry():
         raise ValueError(
             f"policy {policy!r} is unknown; known policies: {', '.join(available_policies())}"
         )
@@ -409,6 +439,6 @@ def _default_keeps_nodes(req: PlanRequest) -> bool:
     return req.num_groups % req.num_nodes == 0
 
 
-register_policy("default", _default_policy, keeps_nodes=_default_keeps_nodes,
-                uses_groups=_default_keeps_nodes)
-register_policy("global", _global_policy, keeps_nodes=False, uses_groups=False)
+_add("default", _default_policy, False, None, _default_keeps_nodes, False,
+     _default_keeps_nodes)
+_add("global", _global_policy, False, None, False, False, False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -36,6 +37,10 @@ def _progress(opts: SimulateOptions, rank: int) -> Any:
         from tqdm import tqdm
     except ImportError:  # the progress extra is optional
         return None
+    # tqdm's default lock is a multiprocessing semaphore, registered with the
+    # launcher's resource tracker; a rank killed on Ctrl-C or --timeout leaves
+    # it behind, and the tracker then warns at exit. One process draws the bar.
+    tqdm.set_lock(threading.RLock())
     return tqdm(total=opts.steps, desc=f"simulate ({opts.mode})", unit="step",
                 file=sys.stderr, disable=not sys.stderr.isatty())
 

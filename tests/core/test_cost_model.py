@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb_fsm import Placement
+from eplb_fsm._core.balance import slot_load_from_logical
 from eplb_fsm._core.cost_model import (
     FORMAT,
     CostModel,
     layer_seconds,
     rank_seconds_from_logical,
-    slot_rows_from_logical,
     time_balancedness,
 )
 
@@ -92,7 +92,7 @@ def test_rank_seconds_from_logical_splits_rows_over_replicas() -> None:
     m = CostModel([0, 10], [0, 10.0], "calibrated", "test", EXPERT)  # 1 s per row
     p = Placement([[0, 1, 0, 2]], 3)  # expert 0 twice: its 8 rows split 4 + 4
     load = np.array([[8.0, 3.0, 5.0]])
-    np.testing.assert_allclose(slot_rows_from_logical(load, p), [[4.0, 3.0, 4.0, 5.0]])
+    np.testing.assert_allclose(slot_load_from_logical(load, p), [[4.0, 3.0, 4.0, 5.0]])
     np.testing.assert_allclose(rank_seconds_from_logical(m, load, p, 2), [[7.0, 9.0]])
     with pytest.raises(ValueError, match="logical_load has shape"):
         rank_seconds_from_logical(m, np.ones((1, 4)), p, 2)

@@ -203,6 +203,30 @@ def test_ctrl_c_stops_simulate_within_two_seconds() -> None:
                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc")
+def test_ctrl_c_while_the_command_line_still_imports_is_one_line() -> None:
+    # Importing numpy, scipy and torch takes seconds; a user who presses Ctrl-C
+    # then (a typo seen late) gets the same one line as during the work.
+    proc = subprocess.Popen([*CLI, "simulate", "--ranks", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        maps = Path(f"/proc/{proc.pid}/maps")
+        while "numpy" not in maps.read_text():  # importing: torch comes after numpy
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == "eplb-fsm simulate: interrupted", err
+    assert out == "" and took < 2, took
+
+
 def test_timeout_is_one_clear_line() -> None:
     start = time.monotonic()
     done = subprocess.run([*CLI, "simulate", "--ranks", "2", "--steps", "100000",

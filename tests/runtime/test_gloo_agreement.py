@@ -16,6 +16,9 @@ from eplb_fsm.testing import TaggedMoEModel, run_ranks
 
 L, E, REDUNDANT, WORLD = 4, 12, 3, 3
 INTERVAL = 40
+#: Rank 1 cancels steps only before this one: the rebalance that starts at 120
+#: then runs clean, so the test can insist that balancing goes on afterwards.
+CANCEL_BEFORE = 100
 
 
 def _config() -> EplbConfig:
@@ -68,7 +71,8 @@ def _serve(rank: int, world: int, scenario: str) -> dict[str, Any]:
             if scenario == "reallocate" and rt.step_count == 70:
                 rt.share_weights()  # every rank, at the same step, between rebalances
             try:
-                if scenario == "cancel" and rank == 1 and rt.step_count % 7 == 3:
+                if scenario == "cancel" and rank == 1 and rt.step_count % 7 == 3 \
+                        and rt.step_count < CANCEL_BEFORE:
                     # The awaiting task is cancelled before it ever runs.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(rt.step(), 0)
@@ -112,10 +116,13 @@ def test_a_step_whose_task_is_cancelled_before_it_runs_still_counts() -> None:
     for r in results:
         assert r["steps"] == 165, r
         # Most cancelled steps had done all their work when step() was called. One
-        # whose work had to wait, and committed when the next step() finished it,
-        # committed a pass late: then every rank fails that rebalance, loudly.
+        # whose work had to wait (how many do depends on the machine's load), and
+        # committed when the next step() finished it, committed a pass late: then
+        # every rank fails that rebalance, at the same step, loudly. Nothing else
+        # may fail, and the clean rebalance after the cancellations completes.
         assert [e[0] for e in r["errors"]] == [e[0] for e in results[0]["errors"]]
-        assert r["failed"] == len(r["errors"]) <= 1, r
+        assert r["failed"] == len(r["errors"]) <= 2, r  # rebalances at 40 and 80
         assert r["done"] >= 1, r
+        assert all(step < CANCEL_BEFORE + INTERVAL for step, _ in r["errors"]), r
     for _, message in results[1]["errors"]:
         assert "ran late on rank 1" in message, message

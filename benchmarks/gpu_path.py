@@ -10,7 +10,9 @@ one unreported ``async`` run that warms the processes up:
   during rebalances, as a ratio to the mean of the two ``off`` runs;
   balancedness (first, last window); steps per rebalance; ``step()`` idle
   and busy p50/p99 against a blocking gloo all-reduce of one int per step
-  (what vLLM's async path does while a rebalance is in flight).
+  (what vLLM's async path does while a rebalance is in flight); ``step()``
+  p50/p99 on the steps that launched a weight transfer (host time: the
+  launch is handed to the engine's worker).
 - Transfer bandwidth inside the serving loop, per rebalance batch and rank:
   the bytes this rank receives over the time of the NCCL batch, from the
   launch (inside ``step()``) to its completion, on the GPU clock (CUDA events
@@ -424,6 +426,11 @@ def _summary(results: list[dict[str, Any]], opts: SimulateOptions) -> dict[str, 
     tokens = opts.tokens * len(results)
     steps_us = np.concatenate([np.asarray(r["step_overhead_us"]) for r in results])
     busy_all = np.concatenate([busy for _ in results])
+    # Steps at which this rank launched a weight transfer (stage(); maybe
+    # after committing the previous batch at the same agreed step).
+    launching = np.concatenate([np.isin(np.arange(1, len(r["step_overhead_us"]) + 1),
+                                        [t["step"] for t in r["transfers"]])
+                                for r in results])
     bal = np.asarray(r0["balancedness"])
     window = opts.window_size
     history = r0["history"]
@@ -440,6 +447,8 @@ def _summary(results: list[dict[str, Any]], opts: SimulateOptions) -> dict[str, 
         "step_idle": np.percentile(steps_us[~busy_all], [50, 99]) if (~busy_all).any()
         else nan2,
         "step_busy": np.percentile(steps_us[busy_all], [50, 99]) if busy_all.any() else nan2,
+        "step_launch": np.percentile(steps_us[launching], [50, 99]) if launching.any()
+        else nan2,
         "step_max_ms": float(steps_us.max() / 1e3),
         "same_history": all(r["history"] == history for r in results),
     }
@@ -564,7 +573,8 @@ def main() -> None:
           f"{rows['off, again']['tok_s'] / rows['off']['tok_s']:.3f} (host drift)")
     head = (f"{'mode':>10} {'tok/s':>10} {'vs off':>7} {'busy tok/s':>11} {'busy vs off':>11} "
             f"{'bal first':>9} {'bal last':>8} {'reb':>4} {'steps/reb':>9} "
-            f"{'step idle p50/p99 us':>21} {'step busy p50/p99 us':>21} {'max ms':>7} "
+            f"{'step idle p50/p99 us':>21} {'step busy p50/p99 us':>21} "
+            f"{'step launching p50/p99 us':>25} {'max ms':>7} "
             f"{'same hist':>9}")
     print(head)
     print("-" * len(head))
@@ -575,6 +585,7 @@ def main() -> None:
               f"{r['steps_per_rebalance']:>9.1f} "
               f"{r['step_idle'][0]:>10.1f}/{r['step_idle'][1]:<10.1f} "
               f"{r['step_busy'][0]:>10.1f}/{r['step_busy'][1]:<10.1f} "
+              f"{r['step_launch'][0]:>12.1f}/{r['step_launch'][1]:<12.1f} "
               f"{r['step_max_ms']:>7.2f} {'yes' if r['same_history'] else 'NO':>9}")
     base_us = np.concatenate([np.asarray(r["baseline_us"]) for r in per_rank])
     b50, b99 = np.percentile(base_us, [50, 99])

@@ -10,10 +10,14 @@ tensor is never handed out.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from eplb_fsm._adapters.staged import SlotBytes, current_slots
+from eplb_fsm._adapters.staged import CopyBatches, SlotBytes, current_slots
 from eplb_fsm._core.transfer_schedule import aligned
 
 
@@ -71,3 +75,52 @@ def test_current_slots_hands_out_cached_views_only_while_they_hold() -> None:
     three = [SlotBytes(w) for w in weights]
     fewer = current_slots([weights[:2]], 0, [three])  # a layer that lost a tensor
     assert fewer is not three and len(fewer) == 2
+
+
+_SLOTS, _STAGED = 6, 3
+_op = st.one_of(
+    st.tuples(st.just("move"), st.integers(0, _SLOTS - 1), st.integers(0, _SLOTS - 1)),
+    st.tuples(st.just("save"), st.integers(0, _SLOTS - 1), st.just(-1)),
+    st.tuples(st.just("restore"), st.integers(0, _SLOTS - 1), st.just(-1)),
+    st.tuples(st.just("fill"), st.integers(0, _SLOTS - 1), st.integers(0, _STAGED - 1)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_op, max_size=14))
+def test_batched_copies_end_as_copies_run_one_by_one(ops: list[tuple[str, int, int]]) -> None:
+    # A commit's copies launched in foreach batches must leave exactly what the
+    # same copies leave run in order. On a GPU a batch's copies run in any
+    # order and at once; torch's CPU fallback runs them in order, which would
+    # hide a race. So here a batch runs last copy first, which turns every
+    # conflict inside it (a read of a slot the batch writes, a write of a slot
+    # it reads or writes) into a different result.
+    def unordered(dsts: list[torch.Tensor], srcs: list[torch.Tensor],
+                  non_blocking: bool = False) -> None:
+        for dst, src in reversed(list(zip(dsts, srcs, strict=True))):
+            dst.copy_(src)
+
+    def run(batched: bool) -> torch.Tensor:
+        live = torch.arange(_SLOTS * 4, dtype=torch.float32).view(_SLOTS, 4)
+        rows = torch.arange(100, 100 + (_STAGED + 1) * 4, dtype=torch.float32).view(-1, 4)
+        temp = rows[_STAGED]  # the temp row sits in the staging buffer, after the rows
+        batches = CopyBatches()
+        for kind, slot, other in ops:
+            if kind == "move":
+                dst, src, writes, reads = live[slot], live[other], slot, other
+            elif kind == "save":
+                dst, src, writes, reads = temp, live[slot], "temp", slot
+            elif kind == "restore":
+                dst, src, writes, reads = live[slot], temp, slot, "temp"
+            else:
+                dst, src, writes, reads = live[slot], rows[other], slot, None
+            if batched:
+                batches.add(writes, reads, [(dst, src)])
+            else:
+                dst.copy_(src)
+        batches.flush()
+        return live
+
+    with mock.patch.object(torch, "_foreach_copy_", unordered):
+        batched = run(batched=True)
+    assert torch.equal(batched, run(batched=False))

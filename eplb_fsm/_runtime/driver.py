@@ -54,9 +54,13 @@ from .rounds import (
     PeerTimeout,
     RoundOutcome,
     encode_flags,
+    maps_digest,
+    maps_disagreement,
     pause,
+    split_digests,
     split_header,
     wait_round,
+    with_digest,
     with_header,
 )
 from .stats import ModelStats
@@ -207,18 +211,15 @@ class ModelDriver:
         lag = self.config.readiness_lag
         if job.phase == "reduce":
             assert job.host_load is not None
-            load = job.host_load.logical()
-            job.load_round = self._allreduce.launch(with_header(
-                load.ravel(), self._rank, self._world, step, self.epoch))
+            job.load_round = self._launch_load(job.host_load.logical(), step)
             job.phase, job.due = "plan", step + lag
         elif job.phase == "plan":
             assert job.load_round is not None
             values = await wait_round(job.load_round, self.config.peer_timeout_s,
                                       self._who(step))
-            if self._check_header(values, step):
+            job.reduced_load = self._read_load(values, step)
+            if job.reduced_load is None:
                 return
-            job.reduced_load = split_header(values, self._world)[0].reshape(
-                self.placement.num_layers, -1)
             job.planner = self._planner()
             job.plan_future = job.planner.submit(self._plan, job.reduced_load,
                                                  self._p2l.copy(), step)
@@ -486,6 +487,34 @@ class ModelDriver:
     def _who(self, step: int) -> str:
         return f"rank {self._rank} (model {self.name!r}, step {step})"
 
+    def _launch_load(self, load: npt.NDArray[np.int64], step: int) -> ReadinessRound:
+        """The load round: this rank's window, a digest of its maps, its step and epoch."""
+        return self._allreduce.launch(with_header(
+            with_digest(load.ravel(), self._rank, self._world, maps_digest(self._p2l)),
+            self._rank, self._world, step, self.epoch))
+
+    def _read_load(self, values: npt.NDArray[np.int64],
+                   step: int) -> npt.NDArray[np.int64] | None:
+        """The summed load [L, E] of a load round, or None (the rebalance failed on
+        every rank alike) if the ranks disagree on the step, epoch or maps.
+
+        Maps differ after a commit that failed on one rank once every rank had
+        agreed to it (its peers committed, it could not). Planning from
+        different maps would give each rank another transfer plan: sends and
+        receives of other sizes, which gloo answers by aborting the process."""
+        if self._check_header(values, step):
+            return None
+        body = split_header(values, self._world)[0]
+        load, digests = split_digests(body, self._world)
+        differ = maps_disagreement(digests)
+        if differ is not None:
+            self._fail(step, f"model {self.name!r}: planning failed: {differ} (a commit "
+                       "failed there after every rank agreed to it); planning from different "
+                       "maps would move other bytes on every rank, so nothing is moved",
+                       ranks=_named_ranks(differ))
+            return None
+        return load.reshape(self.placement.num_layers, -1)
+
     def _check_header(self, values: npt.NDArray[np.int64], step: int) -> bool:
         """Fail on every rank alike if the ranks disagree on the step or epoch."""
         disagreement = split_header(values, self._world)[1].disagreement()
@@ -666,13 +695,11 @@ class ModelDriver:
         self._synchronous = True
         try:
             local = self._window.snapshot().logical() if load is None else load
-            values = await wait_round(self._allreduce.launch(with_header(
-                np.asarray(local).ravel(), self._rank, self._world, step, self.epoch)),
-                self.config.peer_timeout_s, self._who(step))
-            if self._check_header(values, step):
+            values = await wait_round(self._launch_load(np.asarray(local), step),
+                                      self.config.peer_timeout_s, self._who(step))
+            job.reduced_load = self._read_load(values, step)
+            if job.reduced_load is None:
                 return
-            job.reduced_load = split_header(values, self._world)[0].reshape(
-                self.placement.num_layers, -1)
             future: Future[Planned] = Future()
             try:
                 future.set_result(self._plan(job.reduced_load, self._p2l.copy(), step))

@@ -25,6 +25,7 @@ the same words, including a rank that completes it long after.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 import time
 from contextvars import ContextVar
@@ -42,8 +43,12 @@ __all__ = [
     "RoundOutcome",
     "deferred_cancellation",
     "encode_flags",
+    "maps_digest",
+    "maps_disagreement",
     "pause",
+    "split_digests",
     "wait_round",
+    "with_digest",
 ]
 
 POLL_S = 0.0002
@@ -92,6 +97,35 @@ def split_header(values: npt.NDArray[np.int64],
                  world_size: int) -> tuple[npt.NDArray[np.int64], Header]:
     cut = len(values) - 2 * world_size
     return values[:cut], Header.decode(values[cut:], world_size)
+
+
+def maps_digest(physical_to_logical: npt.NDArray[np.int64]) -> int:
+    """A 56-bit digest of a rank's maps (what its next transfer plan starts from)."""
+    data = np.ascontiguousarray(physical_to_logical, dtype=np.int64).tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "little")
+
+
+def with_digest(values: npt.NDArray[np.int64], rank: int, world_size: int,
+                digest: int) -> npt.NDArray[np.int64]:
+    """`values` followed by R slots, this rank's holding `digest` (a sum round
+    then carries every rank's digest)."""
+    slots = np.zeros(world_size, dtype=np.int64)
+    slots[rank] = digest
+    return np.concatenate([np.asarray(values, dtype=np.int64).ravel(), slots])
+
+
+def split_digests(values: npt.NDArray[np.int64],
+                  world_size: int) -> tuple[npt.NDArray[np.int64], tuple[int, ...]]:
+    cut = len(values) - world_size
+    return values[:cut], tuple(int(v) for v in values[cut:])
+
+
+def maps_disagreement(digests: tuple[int, ...]) -> str | None:
+    """None if every rank holds the same maps, else the ranks that differ from rank 0."""
+    others = [rank for rank, d in enumerate(digests) if d != digests[0]]
+    if not others:
+        return None
+    return f"rank(s) {others} hold other maps than rank 0"
 
 
 def encode_flags(rank: int, world_size: int, *, ready: bool, errored: bool,

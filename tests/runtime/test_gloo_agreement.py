@@ -62,9 +62,11 @@ def _serve(rank: int, world: int, scenario: str) -> dict[str, Any]:
         for _ in range(165):  # rebalances start at 40, 80, 120, 160
             _feed(model, rt.step_count)
             if scenario == "reallocate" and rank == 1 and not reallocated and \
-                    rt.phase() == "awaiting_all_ranks":
+                    rt.phase() == "staging":
                 # The engine rebuilds its buffers while a layer is staged: same
-                # values, new memory.
+                # values, new memory. (Staging: the readiness round not yet
+                # launched sees it, so every rank fails before any commit; the
+                # case where only the commit sees it is the next test's.)
                 model.expert_weights = [[t.clone() for t in layer]
                                         for layer in model.expert_weights]
                 reallocated = True
@@ -107,6 +109,54 @@ def test_weights_reallocated_while_staged_fail_loudly_then_balance_after_sharing
         assert r["failed"] == 1 and r["done"] >= 1, r
         assert len(r["errors"]) == 1 and r["errors"][0][0] == results[0]["errors"][0][0]
         assert "rank(s) [1] reported an error" in r["errors"][0][1]
+    assert "were reallocated while staged" in results[1]["errors"][0][1]
+
+
+def _commit_fails_on_one_rank(rank: int, world: int) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        rt = EplbRuntime(_config())
+        model = TaggedMoEModel(rank, world, L, E, REDUNDANT)
+        rt.add_model(model, "main")
+        driver = rt._drivers["main"]  # reaches in: the fault must hit the commit itself
+        commit = driver._commit
+        hit: list[int] = []
+
+        def reallocate_then_commit(job: Any, step: int) -> None:
+            # Weights reallocated after the last readiness round: only this rank's
+            # commit can see it, and its peers commit at this very step.
+            if rank == 1 and not hit:
+                hit.append(step)
+                model.expert_weights = [[t.clone() for t in layer]
+                                        for layer in model.expert_weights]
+            commit(job, step)
+
+        driver._commit = reallocate_then_commit
+        errors: list[tuple[int, str]] = []
+        for _ in range(165):
+            _feed(model, rt.step_count)
+            try:
+                await rt.step()
+            except RebalanceFailed as exc:
+                errors.append((rt.step_count, str(exc)))
+        result = {"errors": errors, "steps": rt.step_count,
+                  "wrong_slots": model.wrong_slots(rt.placement().physical_to_logical)}
+        rt.close()
+        return result
+
+    return asyncio.run(main())
+
+
+def test_a_commit_that_fails_on_one_rank_leaves_later_rebalances_failing_loudly() -> None:
+    # Its peers committed, it could not: the ranks' maps differ. Every later
+    # rebalance must fail on every rank, naming it, and move nothing; planning
+    # from different maps would post sends and receives of other sizes, which
+    # gloo answers by aborting healthy processes.
+    results = run_ranks(_commit_fails_on_one_rank, WORLD, timeout=120)
+    later = [[e for e in r["errors"] if "hold other maps" in e[1]] for r in results]
+    for r, mine in zip(results, later, strict=True):
+        assert r["steps"] == 165 and r["wrong_slots"] == [], r
+        assert [e[0] for e in mine] == [e[0] for e in later[0]] and len(mine) >= 2, r
+        assert all("rank(s) [1] hold other maps than rank 0" in e[1] for e in mine), r
     assert "were reallocated while staged" in results[1]["errors"][0][1]
 
 

@@ -63,7 +63,7 @@ def _serve(rank: int, world: int, use_async: bool) -> dict[str, Any]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [1, 2, 4])  # world 1: every move a local commit copy
 @pytest.mark.parametrize("use_async", [True, False], ids=["async", "sync"])
 def test_runtime_on_nccl_keeps_weights_and_maps_true(world: int, use_async: bool) -> None:
     if torch.cuda.device_count() < world:

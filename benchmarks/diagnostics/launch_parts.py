@@ -26,8 +26,8 @@ from eplb_fsm._reference.moe import ReferenceMoE, sample_tokens
 from eplb_fsm._sim.simulate import SimulateOptions
 from eplb_fsm.testing import run_ranks
 
-PARTS = ("_agree_on_plan", "_commit", "_commit_maps", "_stage_next", "_launch_round",
-         "_outcome", "_transfer_ready")
+PARTS = ("_agree_on_plan", "_predicted", "_commit", "_commit_maps", "_record", "_stage_next",
+         "_launch_round", "_outcome", "_transfer_ready", "_fire")
 
 
 def _timed(obj: Any, name: str, spent: dict[str, float]) -> None:

@@ -23,6 +23,7 @@ shared between threads (the planner runs off the event loop) without copies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -240,6 +241,30 @@ class Placement:
         """How many (layer, slot) pairs hold a different expert in `other`."""
         self._check_same_shape(other, "other")
         return int(np.count_nonzero(self._p2l != other._p2l))
+
+    def with_layers(self, layers: Sequence[int], other: Placement) -> Placement:
+        """This placement with the rows of `layers` taken from `other` (same shape).
+
+        Every invariant holds row by row, so rows of two valid placements make
+        a valid one: nothing is checked again. A commit builds one per layer
+        batch on the serving thread, where the checks of `__init__` would be
+        most of its host time.
+        """
+        self._check_same_shape(other, "other")
+        rows = list(layers)
+        for layer in rows:
+            if not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+                raise ValueError(f"layers must be ints in [0, {self.num_layers}), got {layer!r}")
+        out = object.__new__(Placement)
+        out._num_logical = self._num_logical
+        out._p2l = self._p2l.copy()
+        out._p2l[rows] = other._p2l[rows]
+        out._rc = self._rc.copy()
+        out._rc[rows] = other._rc[rows]
+        out._l2p = None
+        for arr in (out._p2l, out._rc):
+            arr.setflags(write=False)
+        return out
 
     def _check_same_shape(self, other: Placement, name: str) -> None:
         if not isinstance(other, Placement):

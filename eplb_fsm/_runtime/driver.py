@@ -282,7 +282,8 @@ class ModelDriver:
         batches = tuple(tuple(changed[i:i + size]) for i in range(0, len(changed), size))
         prepared = tuple(self._mover.prepare(old, new.physical_to_logical, batch)
                          for batch in batches)
-        return Planned(new, batches, prepared)
+        return Planned(new, batches, prepared, self._predicted(load, self.placement),
+                       self._predicted(load, new))
 
     def _plan_ready(self, job: Job) -> bool:
         future = job.plan_future
@@ -300,9 +301,8 @@ class ModelDriver:
     def _agree_on_plan(self, job: Job, step: int) -> None:
         assert job.plan_future is not None and job.reduced_load is not None
         planned = job.plan_future.result()
-        new = job.plan = planned.placement
-        before = self._predicted(job.reduced_load, self.placement)
-        after = self._predicted(job.reduced_load, new)
+        job.plan = planned.placement
+        before, after = planned.before, planned.after
         self.stats.record_plan(before, after)
         gain = float(after.mean() - before.mean())
         worth = bool(planned.batches) and gain >= self.config.min_balancedness_gain
@@ -444,7 +444,7 @@ class ModelDriver:
         self._p2l[layers] = new.physical_to_logical[layers]
         _copy_rows(self._l2p, new.logical_to_physical, layers)
         _copy_rows(self._rc, new.replica_count, layers)
-        self.placement = Placement(self._p2l, new.num_logical)
+        self.placement = self.placement.with_layers(layers, new)
         self._window.set_map(self._p2l)
 
     def _commit_failure(self, job: Job, step: int) -> RebalanceFailed:

@@ -41,6 +41,10 @@ class Planned:
     placement: Placement
     batches: tuple[tuple[int, ...], ...]  # changed layers, `layers_per_transfer` at a time
     prepared: tuple[Any, ...]  # the mover's precomputation for each batch
+    # Predicted balancedness per layer under the old and the new placement,
+    # worked out here so the serving thread does not pay for it.
+    before: npt.NDArray[np.float64]
+    after: npt.NDArray[np.float64]
 
 
 @dataclass

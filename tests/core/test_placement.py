@@ -109,3 +109,28 @@ def test_from_maps_rejects_disagreeing_maps() -> None:
     bad_l2p[0, 0] = bad_l2p[0, 0].flip(0)
     with pytest.raises(ValueError, match="logical_to_physical disagrees"):
         Placement.from_maps(t.physical_to_logical, bad_l2p, t.replica_count)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_with_layers_is_the_checked_placement_of_the_mixed_rows(data: st.DataObject) -> None:
+    # A commit mixes committed rows into the old placement without re-checking:
+    # the result must be exactly what the checked constructor builds.
+    p2l, num_logical = data.draw(placements())
+    other = np.stack([np.random.default_rng(layer).permutation(row) for layer, row in
+                      enumerate(p2l)])
+    layers = data.draw(st.lists(st.integers(0, p2l.shape[0] - 1), unique=True))
+    old, new = Placement(p2l, num_logical), Placement(other, num_logical)
+    mixed = p2l.copy()
+    mixed[layers] = other[layers]
+    want = Placement(mixed, num_logical)
+    got = old.with_layers(layers, new)
+    assert got == want
+    np.testing.assert_array_equal(got.replica_count, want.replica_count)
+    np.testing.assert_array_equal(got.logical_to_physical, want.logical_to_physical)
+    assert old == Placement(p2l, num_logical)  # the old placement is untouched
+    with pytest.raises(ValueError, match="layers must be ints"):
+        old.with_layers([p2l.shape[0]], new)
+    with pytest.raises(ValueError, match="other has shape"):
+        old.with_layers(layers, Placement(np.zeros((p2l.shape[0], p2l.shape[1] + 1),
+                                                   dtype=np.int64), None))

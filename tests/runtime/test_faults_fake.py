@@ -108,6 +108,15 @@ async def test_failed_commit_on_one_rank_stays_in_lockstep_then_fails_everyone()
     histories = cluster.histories()
     assert all(h == histories[0] for h in histories)
     assert cluster.phases() == ["failed"] * 4
+    # Its maps still differ from its peers': the next rebalance fails on every
+    # rank at the same step, naming rank 3, before anything is planned.
+    third = await run_until_failure(cluster)
+    assert all(isinstance(e, RebalanceFailed) for e in third)
+    assert all("planning failed: rank(s) [3] hold other maps than rank 0" in str(e)
+               for e in third)
+    assert all(e.ranks == (3,) for e in third)  # type: ignore[union-attr]
+    histories = cluster.histories()
+    assert all(h == histories[0] for h in histories)
 
 
 @pytest.mark.asyncio

@@ -114,8 +114,12 @@ def _registry() -> dict[str, _Entry]:
     """
     global _BUILT_INS_LOADED
     if not _BUILT_INS_LOADED:
-        _BUILT_INS_LOADED = True
+        # The flag is set only once the import is done: a second thread that
+        # looks up meanwhile waits on the import's lock instead of seeing a
+        # half-filled registry. The import's own registrations come back here
+        # and get the module being imported, so they do not recurse.
         from . import policies  # noqa: F401  (registers its policies and time_policy's)
+        _BUILT_INS_LOADED = True
     return _POLICIES
 
 

@@ -3,6 +3,8 @@ algorithm on tie-free loads, output invariants, and bad input."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -273,3 +275,24 @@ def test_a_policys_answer_of_the_wrong_shape_is_named(answer: object, match: str
         from eplb_fsm._core import planning
 
         planning._POLICIES.pop("test-shape", None)
+
+
+def test_built_in_policies_are_there_from_the_first_lookup_in_a_fresh_process() -> None:
+    # They register lazily (importing eplb_fsm stays cheap); a user's policy
+    # must still not silently take a built-in's name, and every way in sees them.
+    code = (
+        "import eplb_fsm\n"
+        "from eplb_fsm._core import planning\n"
+        "assert 'refined' not in planning._POLICIES\n"  # nothing imported yet
+        "try:\n"
+        "    eplb_fsm.register_policy('refined', lambda request: None)\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+        "print(','.join(planning.available_policies()))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "policy 'refined' is already registered (pass replace=True)"
+    assert lines[1] == "default,global,incremental,refined,time"

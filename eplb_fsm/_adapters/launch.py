@@ -41,6 +41,7 @@ import multiprocessing.connection as mpc
 import os
 import pickle
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -179,6 +180,7 @@ def run_ranks(
     timeout: float = 120.0,
     backend: str = "gloo",
     may_die: Sequence[int] = (),
+    started: threading.Event | None = None,
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
 
@@ -192,7 +194,10 @@ def run_ranks(
     exits without a result, or the run outlasts `timeout` seconds. Where
     several ranks fail, the message starts with the earliest failure (with
     its traceback) and names the others. Ranks in `may_die` (fault-injection
-    tests) may exit without a result; their value is None.
+    tests) may exit without a result; their value is None. `started`, if
+    given, is set once every rank's process has been started (or starting
+    one failed), so that a caller on another thread knows when process
+    creation is over.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -210,24 +215,28 @@ def run_ranks(
     readers: dict[Any, int] = {}
     succeeded = False
     try:
-        for rank, proc in enumerate(procs):
-            proc.start()
-            reader, writer = pipes[rank]
-            writer.close()  # the child holds the only writer: its exit is EOF here
-            readers[reader] = rank
+        try:
+            for rank, proc in enumerate(procs):
+                proc.start()
+                reader, writer = pipes[rank]
+                writer.close()  # the child holds the only writer: its exit is EOF here
+                readers[reader] = rank
+        finally:
+            if started is not None:
+                started.set()
         values = _collect(procs, readers, timeout, set(may_die))
         succeeded = True
         return values
     finally:
-        started = [proc for proc in procs if proc.pid is not None]
+        spawned = [proc for proc in procs if proc.pid is not None]
         if succeeded:  # every rank reported: let them tear down their groups
             until = time.monotonic() + 5
-            for proc in started:
+            for proc in spawned:
                 proc.join(timeout=max(0.0, until - time.monotonic()))
-        for proc in started:  # after a failure nothing more is to come from any rank
+        for proc in spawned:  # after a failure nothing more is to come from any rank
             if proc.is_alive():
                 proc.kill()
-        for proc in started:
+        for proc in spawned:
             proc.join(timeout=5)
         for reader, writer in pipes:
             reader.close()

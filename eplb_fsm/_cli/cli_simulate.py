@@ -304,13 +304,17 @@ def _run_spawned(opts: SimulateOptions, timeout: int) -> list[Any]:
     The ranks start with SIGINT ignored (a disposition that survives exec), so a
     terminal's Ctrl-C, sent to the whole process group, reaches only this process:
     no rank prints a traceback of its own. A Ctrl-C during the few milliseconds
-    of process creation is ignored.
+    of process creation is ignored; the window ends when the launcher says every
+    rank's process has been started (not when the ranks are all alive: one that
+    exits at once must not keep Ctrl-C ignored).
     """
     outcome: dict[str, Any] = {}
+    started = threading.Event()
 
     def launch() -> None:
         try:  # the grace lets run_ranks' own deadline lose to the one below
-            outcome["results"] = run_ranks(run_rank, opts.world, opts, timeout=timeout + 60)
+            outcome["results"] = run_ranks(run_rank, opts.world, opts, timeout=timeout + 60,
+                                           started=started)
         except BaseException as exc:  # handed to the main thread
             outcome["error"] = exc
 
@@ -320,9 +324,9 @@ def _run_spawned(opts: SimulateOptions, timeout: int) -> list[Any]:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main else None
     try:
         thread.start()
-        while (thread.is_alive() and len(mp.active_children()) < opts.world
+        while (thread.is_alive() and not started.wait(0.005)
                and time.monotonic() < deadline):
-            time.sleep(0.005)
+            pass
     finally:
         if on_main:
             signal.signal(signal.SIGINT, previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -63,8 +64,13 @@ async def test_every_rank_plans_the_same_placement_from_different_local_loads() 
     cluster = FakeCluster(4, cluster.config, threaded_planning=True)  # real worker threads
     cluster.add_model("main", num_layers=L, num_logical=E)
     # Each rank sees a different local load; only the all-reduced sum is shared.
-    await cluster.run(50, lambda rank, step: {"main": skewed(seed=rank)})
-    assert cluster.runtimes[0].stats()["models"]["main"]["rebalances"]["done"] == 1
+    # The planning threads are real: a step takes no time, a plan some, so the
+    # loop gives them wall time rather than a number of steps.
+    deadline = time.monotonic() + 60
+    while cluster.runtimes[0].stats()["models"]["main"]["rebalances"]["done"] < 1:
+        assert time.monotonic() < deadline, "no rebalance completed within 60 s"
+        await cluster.run(1, lambda rank, step: {"main": skewed(seed=rank)})
+        await asyncio.sleep(0.001)
     assert_consistent(cluster)
 
 

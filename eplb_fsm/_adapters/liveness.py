@@ -62,8 +62,12 @@ class Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 self._beat()
-            except Exception:  # the store host is gone; nothing left to tell
-                return
+            except Exception:
+                # Keep beating: one failed write (a store request timed out on a
+                # loaded host) must not silence a live rank for good, or its peers
+                # would blame it at their next failure. If the store host is gone,
+                # every write fails and nobody can read the stamps anyway.
+                continue
 
     def silent_ranks(self, wait: float = 1.5) -> tuple[int, ...] | None:
         """Ranks whose heartbeat is older than 5 intervals and does not move for 2 s

@@ -30,7 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{command}: interrupted", file=sys.stderr, flush=True)
         os._exit(130)
 
-    on_main = threading.current_thread() is threading.main_thread()
+    # Only where Ctrl-C would interrupt anyway: a process started with SIGINT
+    # ignored (a background job of a script) keeps ignoring it.
+    on_main = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     previous = signal.signal(signal.SIGINT, interrupted) if on_main else None
     try:
         from .cli import main as run

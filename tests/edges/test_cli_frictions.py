@@ -161,6 +161,13 @@ def test_closed_pipe_ends_quietly() -> None:
         assert err == "", err
 
 
+def _as_in_a_terminal() -> None:
+    """A terminal's foreground command starts with SIGINT at its default. This
+    test run may itself run in the background of a script, where SIGINT is
+    ignored and every child inherits that (and rightly keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _ignores_sigint(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):
@@ -187,7 +194,7 @@ def test_ctrl_c_stops_simulate_within_two_seconds() -> None:
     """A terminal's Ctrl-C signals the whole foreground process group."""
     proc = subprocess.Popen([*CLI, "simulate", "--ranks", "2", "--steps", "100000"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         # While it creates the ranks' processes the command ignores Ctrl-C (they
@@ -218,7 +225,8 @@ def test_ctrl_c_while_the_command_line_still_imports_is_one_line() -> None:
     # Importing numpy, scipy and torch takes seconds; a user who presses Ctrl-C
     # then (a typo seen late) gets the same one line as during the work.
     proc = subprocess.Popen([*CLI, "simulate", "--ranks", "2"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 60
         maps = Path(f"/proc/{proc.pid}/maps")

@@ -35,7 +35,14 @@ class Heartbeat:
         if global_ranks is not None and len(global_ranks) != world_size:
             raise ValueError(f"global_ranks names {len(global_ranks)} ranks, expected "
                              f"world_size={world_size}")
-        self._store = store
+        # Its own connection where the store can make one (`Store.clone`): a
+        # TCPStore client serves one request at a time, so another thread's
+        # blocking request (a get waiting for a key) would hold the heartbeat
+        # back as long, and peers would blame this live rank.
+        try:
+            self._store = store.clone() if hasattr(store, "clone") else store
+        except Exception:
+            self._store = store
         self._rank = rank
         self._world = world_size
         self._keys = [f"{PREFIX}{r}" for r in (global_ranks or range(world_size))]

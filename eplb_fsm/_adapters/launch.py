@@ -1,10 +1,18 @@
 """Run a function on N local processes joined in a torch.distributed group.
 
 Used by the multi-process tests and by ``eplb-fsm simulate``: each rank is
-a fresh *spawned* process (never forked: torch and threads don't survive a
-fork), and the whole run is bounded in time: a rank that hangs or dies
-makes `run_ranks` kill the others and raise, naming the rank, instead of
+a fresh process, and the whole run is bounded in time: a rank that hangs or
+dies makes `run_ranks` kill the others and raise, naming the rank, instead of
 blocking its caller.
+
+Ranks come from a *fork server* (multiprocessing's ``forkserver``): a clean
+process, started once per parent, that imports torch once and forks each rank
+from that state. Never the caller itself: torch's threads and an initialised
+CUDA context don't survive a fork. A spawned interpreter per rank would import
+torch again every time (about 3 s of CPU on a laptop core, per rank, per run:
+most of a multi-process test's time). The server imports only torch and the
+rank program when it is one of ours: a caller's module might touch CUDA as
+it is imported, which would make every fork unsafe.
 
 The rendezvous store is bound by rank 0 on a port the OS picks (port 0),
 and rank 0 hands the port to the others. Picking a free port in the parent
@@ -34,10 +42,12 @@ with the earliest failure's traceback.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import multiprocessing as mp
 import multiprocessing.connection as mpc
+import multiprocessing.forkserver as forkserver
 import os
 import pickle
 import socket
@@ -81,6 +91,20 @@ def _start_barrier(store: Any, world_size: int, timeout_s: float) -> None:
             arrived = str(int(store.add(_STARTED, 0)))
         raise TimeoutError(f"start-up barrier: {arrived} of {world_size} ranks finished "
                            f"init_process_group within {timeout_s:.0f} s ({exc})") from None
+
+
+#: What every rank imports, imported once by the fork server instead.
+_PRELOAD = ("torch", "torch.distributed")
+
+
+def _context(fn: Callable[..., Any]) -> Any:
+    """The fork-server context. Its preload list counts only until the server
+    starts (the first run in this process); later runs fork from that server."""
+    ctx = mp.get_context("forkserver")
+    module = getattr(fn, "__module__", None) or ""
+    ours = module.startswith("eplb_fsm.")  # nothing of ours touches CUDA on import
+    ctx.set_forkserver_preload([*_PRELOAD, *([module] if ours else [])])
+    return ctx
 
 
 def _rank_main(
@@ -129,6 +153,10 @@ def _rank_main(
             # A peer's death can break teardown; the result is already sent.
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
+        # A forked process ends in os._exit, which skips the atexit handlers a
+        # normal interpreter exit runs (the pull path unlinks its shared-memory
+        # blocks there, logging flushes): run them as a spawned rank would.
+        atexit._run_exitfuncs()
 
 
 @dataclass(frozen=True)
@@ -182,12 +210,12 @@ def run_ranks(
     may_die: Sequence[int] = (),
     started: threading.Event | None = None,
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on `world_size` spawned processes.
+    """Call ``fn(rank, world_size, *args)`` on `world_size` fresh processes.
 
     `fn` and `args` must be picklable (a module-level function), and the script
     that calls `run_ranks` must guard its top level with
-    ``if __name__ == "__main__":``: each rank is a *spawned* interpreter that
-    imports the main module again, and without the guard would launch ranks
+    ``if __name__ == "__main__":``: each rank imports the main module again
+    (as a spawned process would), and without the guard would launch ranks
     of its own. No rank calls
     `fn` before every rank has joined the process group. Returns the ranks'
     return values in rank order; raises `RankFailed` if any rank raises,
@@ -195,13 +223,20 @@ def run_ranks(
     several ranks fail, the message starts with the earliest failure (with
     its traceback) and names the others. Ranks in `may_die` (fault-injection
     tests) may exit without a result; their value is None. `started`, if
-    given, is set once every rank's process has been started (or starting
-    one failed), so that a caller on another thread knows when process
-    creation is over.
+    given, is set once the fork server is running (or starting it failed):
+    from then on the ranks inherit nothing from this process's state. The
+    server takes this process's signal dispositions when it starts, on the
+    first run, so a caller that ignores SIGINT until `started` is set gets
+    ranks that ignore it.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = mp.get_context("spawn")
+    ctx = _context(fn)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if started is not None:
+            started.set()
     # Set once by rank 0 once its store is bound. Lock-free: a lock is a named
     # semaphore, which leaks (with a warning at exit) when a rank is killed or
     # the launching thread is abandoned; one aligned int needs none.
@@ -215,15 +250,11 @@ def run_ranks(
     readers: dict[Any, int] = {}
     succeeded = False
     try:
-        try:
-            for rank, proc in enumerate(procs):
-                proc.start()
-                reader, writer = pipes[rank]
-                writer.close()  # the child holds the only writer: its exit is EOF here
-                readers[reader] = rank
-        finally:
-            if started is not None:
-                started.set()
+        for rank, proc in enumerate(procs):
+            proc.start()
+            reader, writer = pipes[rank]
+            writer.close()  # the child holds the only writer: its exit is EOF here
+            readers[reader] = rank
         values = _collect(procs, readers, timeout, set(may_die))
         succeeded = True
         return values

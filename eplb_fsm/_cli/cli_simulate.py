@@ -301,12 +301,13 @@ def _run_spawned(opts: SimulateOptions, timeout: int) -> list[Any]:
     """`run_ranks` on a helper thread, while this (main) thread takes Ctrl-C and the
     deadline and, on either, kills the ranks at once instead of waiting for them.
 
-    The ranks start with SIGINT ignored (a disposition that survives exec), so a
-    terminal's Ctrl-C, sent to the whole process group, reaches only this process:
-    no rank prints a traceback of its own. A Ctrl-C during the few milliseconds
-    of process creation is ignored; the window ends when the launcher says every
-    rank's process has been started (not when the ranks are all alive: one that
-    exits at once must not keep Ctrl-C ignored).
+    The ranks start with SIGINT ignored, so a terminal's Ctrl-C, sent to the whole
+    process group, reaches only this process: no rank prints a traceback of its
+    own. They are forked from a fork server, which takes this process's
+    dispositions when it starts (a disposition that survives exec); so SIGINT is
+    ignored here only for the few milliseconds until the launcher says the
+    server is running (not until the ranks are alive: one that exits at once
+    must not keep Ctrl-C ignored).
     """
     outcome: dict[str, Any] = {}
     started = threading.Event()

@@ -175,18 +175,18 @@ def _ignores_sigint(pid: int) -> bool:
     return False
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _ranks(pid: int) -> list[int]:
+    """The ranks of the command `pid`: forked by its fork server, they are its
+    grandchildren."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
-                found.append(int(entry))
-    return found
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return [p for p, parent in parents.items() if parents.get(parent) == pid]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -197,13 +197,14 @@ def test_ctrl_c_stops_simulate_within_two_seconds() -> None:
                             start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
-        # While it creates the ranks' processes the command ignores Ctrl-C (they
-        # inherit that, so none prints a traceback); on a loaded machine that
-        # can outlast the ranks' appearance in /proc.
-        while len(_children(proc.pid)) < 2 or _ignores_sigint(proc.pid):
+        # Until its fork server runs the command ignores Ctrl-C (the server and
+        # the ranks it forks inherit that, so none prints a traceback); on a
+        # loaded machine that can outlast the ranks' appearance in /proc.
+        while len(_ranks(proc.pid)) < 2 or _ignores_sigint(proc.pid):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-        ranks = _children(proc.pid)
+        ranks = _ranks(proc.pid)
+        assert all(_ignores_sigint(rank) for rank in ranks)
         time.sleep(2)  # some ranks are serving by now, others may still start up
         start = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)

@@ -88,10 +88,27 @@ def _scenario(rank: int, world: int, scenario: str) -> dict[str, Any]:
             "done": rt.stats()["models"]["main"]["rebalances"]["done"],
             "later": later, "steps": rt.step_count,
         }
+        if scenario.startswith("die"):
+            _stay_until_every_survivor_is_done()
         rt.close()
         return result
 
     return asyncio.run(main())
+
+
+def _stay_until_every_survivor_is_done(timeout_s: float = 60.0) -> None:
+    """Once the group broke, survivors step on their own. One that returned and
+    exited would stop its heartbeat, and its peer, still looking into a failure,
+    would rightly name it among the ranks that stopped answering (seen under
+    load: "rank(s) [1, 2]"). A serving engine's survivors go on running."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()  # hosted by rank 0, a survivor
+    store.add("survivors_done", 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add("survivors_done", 0)) < WORLD - 1:
+        assert time.monotonic() < deadline, "the other survivor never finished"
+        time.sleep(0.01)
 
 
 def _survivors(scenario: str) -> list[dict[str, Any]]:

@@ -6,7 +6,11 @@ step is one that called ``stage()``; its parts are the driver methods that
 ran inside it (agreeing on the plan, committing the previous batch, the
 commit's map updates, staging, launching a readiness round).
 
-    python benchmarks/diagnostics/launch_parts.py [--device cuda] [--steps 360]
+    python benchmarks/diagnostics/launch_parts.py [--device cuda] [--steps 360] [--profile]
+
+``--profile`` also runs every ``step()`` under cProfile and prints the
+functions that take the most host time (their own time, summed over the
+run, per launching step).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import cProfile
+import io
+import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -51,7 +58,8 @@ def _timed(obj: Any, name: str, spent: dict[str, float]) -> None:
     setattr(obj, name, wrapper)
 
 
-async def _serve(opts: SimulateOptions, device: torch.device) -> list[dict[str, float]]:
+async def _serve(opts: SimulateOptions, device: torch.device,
+                 profile: bool) -> tuple[list[dict[str, float]], str]:
     config = opts.moe_config()
     model = ReferenceMoE(config, opts.physical, device=device)
     runtime = EplbRuntime(opts.eplb_config(), device=device)
@@ -64,27 +72,39 @@ async def _serve(opts: SimulateOptions, device: torch.device) -> list[dict[str, 
     _timed(mover, "stage", spent)
     trace = opts.trace()
     rows = []
+    profiler = cProfile.Profile() if profile else None
     for step in range(1, opts.steps + 1):
         hidden = sample_tokens(config, opts.tokens, step=step, rank=0).to(device)
         model(hidden, trace.routing(step, 0, opts.tokens, opts.top_k))
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step alone, not the pass's queued kernels
         spent.clear()
+        if profiler is not None:
+            profiler.enable()
         start = time.perf_counter()
         await runtime.step()
         total = time.perf_counter() - start
+        if profiler is not None:
+            profiler.disable()
         if spent.get("stage"):
             rows.append({"step()": total, **spent})
     runtime.close()
-    return rows
+    text = ""
+    if profiler is not None:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+        text = f"cProfile over every step() (the counts cover {len(rows)} launching " \
+               f"steps):\n" + out.getvalue()
+    return rows, text
 
 
-def _rank(rank: int, world: int, opts: SimulateOptions, device: str) -> list[dict[str, float]]:
+def _rank(rank: int, world: int, opts: SimulateOptions, device: str,
+          profile: bool) -> tuple[list[dict[str, float]], str]:
     torch.set_num_threads(1)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(0)
-    return asyncio.run(_serve(opts, dev))
+    return asyncio.run(_serve(opts, dev, profile))
 
 
 def main() -> None:
@@ -93,6 +113,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=360)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a cProfile of every step() (slows the steps)")
     args = parser.parse_args()
     cuda = args.device == "cuda"
     opts = SimulateOptions(
@@ -101,7 +123,8 @@ def main() -> None:
         step_interval=40, window_size=20, shift_steps=(100, 200, 300), check_every=0,
         backend="nccl" if cuda else "gloo", device=args.device, exact=False,
         dtype="bfloat16", mode="async")
-    rows = run_ranks(_rank, 1, opts, args.device, backend=opts.backend, timeout=900)[0]
+    rows, profile = run_ranks(_rank, 1, opts, args.device, args.profile,
+                              backend=opts.backend, timeout=900)[0]
     card = torch.cuda.get_device_name(0) if cuda else "CPU"
     print(f"launch_parts: 1 x {card}, torch {torch.__version__}; {len(rows)} launching "
           f"steps of {args.steps}; microseconds of host time")
@@ -113,6 +136,8 @@ def main() -> None:
         if values:
             print(f"{part:>16} {len(values):>6} {statistics.median(values):>9.1f} "
                   f"{values[int(0.9 * (len(values) - 1))]:>9.1f} {values[-1]:>9.1f}")
+    if profile:
+        print(f"\n{profile}")
 
 
 if __name__ == "__main__":

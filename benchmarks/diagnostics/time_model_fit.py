@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ CASES = (Case(32, 288, 128, 1.0), Case(64, 320, 128, 0.8), Case(32, 288, 256, 1.
 PLACEMENTS = ("refined", "time")
 
 
-def _median_times(bench: SlotBench, blocks: list, repeats: int) -> np.ndarray:
-    """Median seconds of each block over `repeats` rounds, blocks in a fresh order each."""
+def _median_times(bench: SlotBench, blocks: list[Callable[[], None]],
+                  repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds of each block over `repeats` rounds, blocks in a fresh order each:
+    (median per block [B], every timing [repeats, B])."""
     rng = np.random.default_rng(0)
     out = np.zeros((repeats, len(blocks)))
     for block in blocks:  # first replay of a fresh graph: not timed
